@@ -66,12 +66,15 @@ def main() -> None:
     for row in rows:
         print(f"{row['backend']:>8}: {row['tokens_per_s']:7.0f} tokens/s, step {row['step_s_median'] * 1e3:.0f} ms "
               f"(±{row['step_s_stdev'] * 1e3:.0f}), peak {row['peak_memory_mb']:.0f} MB")
+    by_backend = {r["backend"]: r for r in rows}
     record.save({
         "model": "GPT d=128, 4 layers, 4 heads, context 128, batch 16, PTB word-level (10k vocab)",
-        "by_backend": {r["backend"]: r for r in rows},
-        "sdpa_speedup": rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"],
+        "params": rows[0]["params"],
+        **{f"{b}_tokens_per_s": r["tokens_per_s"] for b, r in by_backend.items()},
+        **{f"{b}_peak_memory_mb": r["peak_memory_mb"] for b, r in by_backend.items()},
+        "sdpa_speedup": by_backend["sdpa"]["tokens_per_s"] / by_backend["explicit"]["tokens_per_s"],
+        "by_backend": by_backend,
     })
-
 
 if __name__ == "__main__":
     main()
