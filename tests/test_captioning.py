@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+
+from common.data import WordTokenizer
+from common.scenes import (
+    SceneConfig,
+    attribute_scores,
+    corpus_bleu,
+    read_coco,
+    render,
+    sample_scene,
+    scene_dataset,
+    write_coco,
+)
+from common.vision import (
+    Captioner,
+    CaptionerConfig,
+    ViTEncoder,
+    beam_captions,
+    caption_batches,
+    caption_loss,
+    decode_caption,
+    encode_captions,
+    greedy_captions,
+)
+
+
+def test_scenes_are_seeded_and_heldout_pairs_are_separated():
+    config = SceneConfig()
+    held = set(config.heldout_pairs)
+    a = [sample_scene(np.random.default_rng(3), config, heldout=False) for _ in range(2)]
+    assert a[0] == a[1]
+    rng = np.random.default_rng(0)
+    for heldout in (False, True):
+        for _ in range(50):
+            scene = sample_scene(rng, config, heldout)
+            pairs = {(o.color, o.shape) for o in (scene.first, scene.second)}
+            assert bool(pairs & held) == heldout
+
+
+def test_scene_geometry_matches_the_relation():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        scene = sample_scene(rng, SceneConfig(), heldout=False)
+        (x1, y1), (x2, y2) = scene.centres
+        expected = {"left of": x1 < x2, "right of": x1 > x2, "above": y1 < y2, "below": y1 > y2}
+        assert expected[scene.relation]
+        image = render(scene, SceneConfig(noise=0), rng)
+        assert image.shape == (32, 32, 3) and image.max() > 100  # the objects are drawn
+
+
+def test_coco_round_trip(tmp_path):
+    path = write_coco(tmp_path, "test", 5, SceneConfig(), seed=0, heldout=False)
+    data = read_coco(path, tmp_path)
+    assert data.images.shape == (5, 3, 32, 32) and 0 <= data.images.min() and data.images.max() <= 1
+    assert all(len(c) == 2 for c in data.captions) and data.scenes[0]["relation"] in data.captions[0][0]
+    cached = scene_dataset(tmp_path, {"train": 3, "heldout": 2}, SceneConfig(), seed=0)
+    assert cached["heldout"].images.shape[0] == 2
+
+
+def test_attribute_scores_accept_either_reading():
+    scene = sample_scene(np.random.default_rng(2), SceneConfig(), heldout=False)
+    as_dict = {"first": vars(scene.first), "second": vars(scene.second), "relation": scene.relation}
+    for caption in scene.captions():
+        assert attribute_scores(caption, as_dict) == {"size": 1, "color": 1, "shape": 1, "relation": 1}
+    assert attribute_scores("a cat", as_dict)["color"] == 0.0
+    wrong = scene.captions()[0].replace(scene.relation, {"left of": "right of", "right of": "left of",
+                                                         "above": "below", "below": "above"}[scene.relation])
+    assert attribute_scores(wrong, as_dict)["relation"] == 0.0
+
+
+def test_bleu_perfect_partial_and_empty():
+    refs = [["a small red circle left of a large blue square"]]
+    assert corpus_bleu(refs[0], refs)["bleu4"] == pytest.approx(1.0)
+    partial = corpus_bleu(["a small red circle above a large blue square"], refs)
+    assert 0 < partial["bleu4"] < partial["bleu1"] < 1
+    assert corpus_bleu(["zebra"], refs)["bleu1"] == 0.0
+    with pytest.raises(ValueError):
+        corpus_bleu(["a"], [])
+
+
+@pytest.fixture()
+def captioner():
+    torch.manual_seed(0)
+    return Captioner(CaptionerConfig(vocab_size=20, d_model=32, n_heads=4, encoder_layers=1, decoder_layers=1,
+                                     max_caption_length=8, dropout=0.0)).eval()
+
+
+def test_shapes_causality_and_image_dependence(captioner):
+    images, tokens = torch.rand(2, 3, 32, 32), torch.randint(0, 20, (2, 6))
+    assert ViTEncoder(captioner.config)(images).shape == (2, 64, 32)
+    logits = captioner(images, tokens)
+    assert logits.shape == (2, 6, 20)
+    changed = tokens.clone()
+    changed[:, 4:] = (changed[:, 4:] + 1) % 20
+    torch.testing.assert_close(captioner(images, changed)[:, :4], logits[:, :4])
+    assert not torch.allclose(captioner(torch.rand(2, 3, 32, 32), tokens), logits)
+    with pytest.raises(ValueError, match="patch_size"):
+        CaptionerConfig(vocab_size=5, image_size=30, patch_size=4)
+
+
+def test_beam_of_one_equals_greedy_and_maps_cover_the_patches(captioner):
+    images = torch.rand(3, 3, 32, 32)
+    greedy, maps = greedy_captions(captioner, images, bos_id=0, eos_id=0, need_weights=True)
+    beam = beam_captions(captioner, images, bos_id=0, eos_id=0, beam=1)
+    assert torch.equal(greedy, beam[:, : greedy.size(1)])
+    assert maps.shape == (3, greedy.size(1), 64)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(3, greedy.size(1)))
+    wide = beam_captions(captioner, images, bos_id=0, eos_id=0, beam=4)
+    assert wide.shape[0] == 3
+
+
+def test_caption_encoding_and_training_step(captioner):
+    tokenizer = WordTokenizer("a red circle left of a blue square\n")
+    tokens = encode_captions(tokenizer, [["a red circle", "a blue square"]], length=8)
+    assert tokens.shape == (1, 2, 8) and tokens[0, 0, 0] == tokenizer.eos_id and tokens[0, 0, -1] == -100
+    assert decode_caption(tokenizer, tokens[0, 0, 1:].clamp(min=0)) == "a red circle"
+    with pytest.raises(ValueError, match="length"):
+        encode_captions(tokenizer, [["a red circle left of a blue square a red"]], length=8)
+    images = torch.rand(1, 3, 32, 32)
+    batch = caption_batches(images, tokens, 4)(torch.Generator().manual_seed(0))
+    captioner.train()
+    loss = caption_loss(captioner, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and captioner.encoder.patch_embedding.weight.grad.abs().sum() > 0
