@@ -1,0 +1,485 @@
+"""State-space sequence models: S4D (diagonal S4; Gu et al. 2022) and a simplified Mamba
+(selective SSM; Gu & Dao 2023), as blocks that plug into ``common.model.GPT``.
+
+    model = SSMGPT(gpt_config, block=mamba_block(MambaConfig()))   # or s4d_block(S4DConfig())
+
+Dimension letters used in shapes:
+    B batch, L sequence length, D model width,
+    H channels of an S4D layer (= D), N state size per channel (S4D keeps N/2 complex
+    conjugate pairs), E Mamba inner width (expand * D), R rank of Mamba's Δ projection,
+    K width of Mamba's causal convolution, T chunk length and M number of chunks of the
+    chunked scan (M * T >= L).
+
+The mathematics, shared by both models. A continuous state space per channel,
+
+    x'(t) = A x(t) + B u(t),      y(t) = C x(t) + D u(t),
+
+is discretised with a step Δ by the zero-order hold (the input is constant over a step):
+
+    Ā = exp(ΔA),    B̄ = (ΔA)^{-1} (exp(ΔA) - I) ΔB    ( = (exp(ΔA) - 1) / A * B for diagonal A ),
+
+which gives a linear recurrence (the *recurrent view*, O(1) per step, for generation)
+
+    x_k = Ā x_{k-1} + B̄ u_k,      y_k = C x_k + D u_k,
+
+and, unrolled from x_{-1} = 0, a causal convolution (the *convolutional view*, for training)
+
+    y = K * u + D u,      K_l = C Ā^l B̄   (l = 0 … L-1).
+
+S4D: A, B, C, Δ do not depend on the input, so K is computed once per forward pass and the
+convolution runs as an FFT in O(L log L). Mamba: Δ, B, C depend on the input (selection),
+so there is no fixed kernel; the recurrence runs as a *scan*, here a chunked parallel scan.
+
+Where this departs from the official code: S4D uses B = 1 (folded into C, as in the
+minimal ``s4d.py``), no bidirectional or multi-kernel options, and computes the Vandermonde
+product in chunks of positions to bound memory. Mamba discretises A with ZOH and B with
+Euler (B̄ = ΔB), as the official implementation does; its scan is pure PyTorch (no fused
+kernel), without recomputation in the backward pass; there is no residual in fp32 and no
+RMSNorm (the blocks keep the project's pre-norm LayerNorm so everything else stays equal).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.model import GPT, FeedForward, GPTConfig
+
+# Parameters that set the dynamics (A and Δ): their own optimizer group (smaller lr, no decay).
+SSM_DYNAMICS_PARAMETERS = ("log_dt", "log_A_real", "A_imag", "A_log", "dt_bias")
+
+
+def _check_dt_range(owner: str, dt_min: float, dt_max: float) -> None:
+    if not 0 < dt_min < dt_max:
+        raise ValueError(f"{owner}.dt_min and dt_max must satisfy 0 < dt_min < dt_max, got {dt_min}, {dt_max}")
+
+
+def log_uniform(size: int | tuple[int, ...], low: float, high: float) -> torch.Tensor:
+    """Samples with log-uniform distribution in [low, high] (Δ's initialisation)."""
+    return torch.exp(torch.rand(size) * (math.log(high) - math.log(low)) + math.log(low))
+
+
+# ---------------------------------------------------------------------------------------
+# S4D
+
+
+@dataclass
+class S4DConfig:
+    """Settings of an S4D layer. Every field is checked on creation."""
+
+    state_size: int = 64  # N (N/2 complex pairs are stored)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    kernel_chunk: int = 256  # positions of the Vandermonde product computed at once
+
+    def __post_init__(self):
+        if not isinstance(self.state_size, int) or self.state_size < 2 or self.state_size % 2:
+            raise ValueError(f"S4DConfig.state_size must be an even integer >= 2, got {self.state_size!r}")
+        _check_dt_range("S4DConfig", self.dt_min, self.dt_max)
+        if not isinstance(self.kernel_chunk, int) or self.kernel_chunk < 1:
+            raise ValueError(f"S4DConfig.kernel_chunk must be a positive integer, got {self.kernel_chunk!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class S4D(nn.Module):
+    """Diagonal SSM per channel, S4D-Lin initialisation: (B, L, H) -> (B, L, H).
+
+    Parameters: Δ = exp(log_dt) (H,) log-uniform in [dt_min, dt_max]; A = -exp(log_A_real)
+    + iπn (H, N/2); C (H, N/2) complex, standard normal; D (H,) skip. B is fixed to 1.
+    Training uses the convolutional view (``forward``), generation the recurrent view
+    (``step``); both compute the same outputs.
+    """
+
+    def __init__(self, channels: int, config: S4DConfig):
+        super().__init__()
+        self.config = config
+        half = config.state_size // 2
+        self.log_dt = nn.Parameter(log_uniform(channels, config.dt_min, config.dt_max).log())  # (H,)
+        self.log_A_real = nn.Parameter(torch.full((channels, half), math.log(0.5)))  # Re A = -1/2
+        self.A_imag = nn.Parameter(math.pi * torch.arange(half).float().repeat(channels, 1))  # Im A = πn
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, half, dtype=torch.cfloat)))  # (H, N/2, 2)
+        self.D = nn.Parameter(torch.ones(channels))
+
+    def discretise(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ZOH: ΔA (so Ā = exp(ΔA)), B̄ = (exp(ΔA) - 1) / A (B = 1), and C; each (H, N/2) complex."""
+        A = -torch.exp(self.log_A_real) + 1j * self.A_imag  # (H, N/2)
+        dtA = A * torch.exp(self.log_dt)[:, None]  # ΔA
+        return dtA, (torch.exp(dtA) - 1.0) / A, torch.view_as_complex(self.C)
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """K_l = C Ā^l B̄, summed over the conjugate pairs: (H, L) real.
+
+        The Vandermonde product Ā^l = exp(l ΔA) is built ``kernel_chunk`` positions at a
+        time, so memory stays O(H N chunk) instead of O(H N L).
+        """
+        dtA, B_bar, C = self.discretise()
+        CB = C * B_bar  # (H, N/2)
+        pieces = []
+        for start in range(0, length, self.config.kernel_chunk):
+            positions = torch.arange(start, min(length, start + self.config.kernel_chunk), device=CB.device)
+            powers = torch.exp(dtA[..., None] * positions)  # Ā^l = exp(l ΔA), (H, N/2, chunk)
+            pieces.append(2 * torch.einsum("hn,hnl->hl", CB, powers).real)  # 2 Re(.): the conjugate half
+        return torch.cat(pieces, dim=-1)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, L, H) -> y (B, L, H): y = K * u + D u with an FFT of size 2L (no wrap-around)."""
+        length = u.size(1)
+        k = self.kernel(length)  # (H, L)
+        u_f = torch.fft.rfft(u.transpose(1, 2).float(), n=2 * length)  # (B, H, L+1)
+        k_f = torch.fft.rfft(k, n=2 * length)
+        y = torch.fft.irfft(u_f * k_f, n=2 * length)[..., :length]  # causal linear convolution
+        return (y.transpose(1, 2) + u * self.D).to(u.dtype)
+
+    def step(self, u: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position: u (B, H), state (B, H, N/2) complex or None (zeros) -> y (B, H), new state."""
+        dtA, B_bar, C = self.discretise()
+        if state is None:
+            state = torch.zeros(u.size(0), *dtA.shape, dtype=dtA.dtype, device=u.device)
+        state = torch.exp(dtA) * state + B_bar * u[..., None]  # x_k = Ā x_{k-1} + B̄ u_k
+        y = 2 * (C * state).sum(-1).real + self.D * u  # y_k = 2 Re(C x_k) + D u_k
+        return y, state
+
+
+class S4DLayer(nn.Module):
+    """The S4D mixer of a block: SSM, GELU, then Linear(H, 2H) + GLU (as in ``s4d.py``): (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, d_model: int, config: S4DConfig, dropout: float = 0.0):
+        super().__init__()
+        self.ssm = S4D(d_model, config)
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(d_model, 2 * d_model)
+
+    def mix(self, y: torch.Tensor) -> torch.Tensor:
+        """Position-wise part after the SSM: (…, D) -> (…, D)."""
+        return F.glu(self.output(self.dropout(F.gelu(y))), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.ssm(x))
+
+    def step(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, D) -> (B, D) and the new state (B, D, N/2)."""
+        y, state = self.ssm.step(x, state)
+        return self.mix(y), state
+
+
+# ---------------------------------------------------------------------------------------
+# selective scan (Mamba's SSM)
+
+
+def scan_step(h: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+              B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the selective SSM for any leading dims (…):
+
+    h (…, E, N), x and delta (…, E), A (E, N), B and C (…, N) -> y (…, E), new h (…, E, N).
+    """
+    A_bar = torch.exp(delta[..., None] * A)  # Ā_t = exp(Δ_t A)      (ZOH)
+    h = A_bar * h + (delta * x)[..., None] * B[..., None, :]  # h_t = Ā_t h_{t-1} + Δ_t B_t x_t   (Euler for B)
+    y = torch.einsum("...en,...n->...e", h, C)  # y_t = C_t · h_t
+    return y, h
+
+
+def _zero_state(x: torch.Tensor, A: torch.Tensor, leading: tuple[int, ...]) -> torch.Tensor:
+    return x.new_zeros(*leading, *A.shape)
+
+
+def sequential_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: one ``scan_step`` per position.
+
+    x, delta (B, L, E); A (E, N); B, C (B, L, N); h0 (B, E, N) or None -> y (B, L, E), h_L (B, E, N).
+    """
+    h = _zero_state(x, A, (x.size(0),)) if h0 is None else h0
+    ys = []
+    for t in range(x.size(1)):
+        y, h = scan_step(h, x[:, t], delta[:, t], A, B[:, t], C[:, t])
+        ys.append(y)
+    return torch.stack(ys, dim=1), h
+
+
+def chunked_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 h0: torch.Tensor | None = None, chunk: int | None = None,
+                 block_elements: int = 2**21) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked parallel scan, same contract as ``sequential_scan``.
+
+    The sequence is processed in blocks of G positions (G chosen so that a (B, G, E, N)
+    tensor holds at most ``block_elements`` numbers: memory stays O(block_elements), never
+    O(B L E N)); the state is carried from block to block. Inside a block
+    (``_chunked_scan_block``) every position runs in parallel except ~3√G short steps.
+    """
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+    if not isinstance(block_elements, int) or block_elements < 1:
+        raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}")
+    batch, length, _ = x.shape
+    group = max(1, min(length, block_elements // (batch * A.numel())))
+    h = _zero_state(x, A, (batch,)) if h0 is None else h0
+    ys = []
+    for start in range(0, length, group):
+        part = slice(start, start + group)
+        y, h = _chunked_scan_block(x[:, part], delta[:, part], A, B[:, part], C[:, part], h, chunk)
+        ys.append(y)
+    return torch.cat(ys, dim=1), h
+
+
+def _chunked_scan_block(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        h0: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of G positions, cut into M chunks of T (T = ceil(√G) by default).
+
+    The recurrence h_t = Ā_t h_{t-1} + u_t (u_t = Δ_t B_t x_t) is solved in three passes:
+
+    1. all chunks at once, each from a zero state: T steps on (B, M, E, N) tensors give
+       the local states h^loc_t and outputs C_t · h^loc_t;
+    2. across chunks: the state entering chunk m is H_m = P_{m-1} H_{m-1} + h^loc_end(m-1),
+       with P = Π_t Ā_t = exp(A Σ_t Δ_t) a chunk's decay (M small steps);
+    3. all chunks at once again: y_t += C_t · (Π_{s≤t} Ā_s ⊙ H_m), the entering state
+       decayed to position t (T steps).
+
+    Ā and u are computed for the whole block in two vectorised calls; every decay is a
+    product of factors in (0, 1], so nothing overflows (unlike an exp(-cumsum) factorisation).
+    """
+    batch, length, _ = x.shape
+    T = chunk or math.ceil(math.sqrt(length))
+    M = math.ceil(length / T)
+    pad = M * T - length  # padding positions: Ā = 1 and u = 0, so the state passes through unchanged
+
+    def chunks(t: torch.Tensor, value: float = 0.0) -> torch.Tensor:  # (B, G, …) -> (B, M, T, …)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad), value=value)
+        return t.view(batch, M, T, *t.shape[2:])
+
+    A_bar = chunks(torch.exp(delta[..., None] * A), value=1.0)  # Ā_t = exp(Δ_t A)  (ZOH), (B, M, T, E, N)
+    u = chunks((delta * x)[..., None] * B[..., None, :])  # u_t = Δ_t B_t x_t  (Euler for B)
+    C = chunks(C)  # (B, M, T, N)
+    h = _zero_state(x, A, (batch, M))
+    ys = []
+    for t in range(T):  # pass 1
+        h = A_bar[:, :, t] * h + u[:, :, t]  # h_t = Ā_t h_{t-1} + u_t, every chunk at once
+        ys.append(torch.einsum("bmen,bmn->bme", h, C[:, :, t]))  # y_t = C_t · h_t
+    chunk_decay = torch.exp(chunks(delta).sum(2)[..., None] * A)  # P_m = exp(A Σ_t Δ_t), (B, M, E, N)
+    carry, entering = h0, []
+    for m in range(M):  # pass 2
+        entering.append(carry)
+        carry = chunk_decay[:, m] * carry + h[:, m]  # H_{m+1} = P_m H_m + h^loc_end(m)
+    decayed = torch.stack(entering, dim=1)  # (B, M, E, N)
+    for t in range(T):  # pass 3
+        decayed = A_bar[:, :, t] * decayed  # Π_{s≤t} Ā_s ⊙ H_m
+        ys[t] = ys[t] + torch.einsum("bmen,bmn->bme", decayed, C[:, :, t])
+    return torch.stack(ys, dim=2).view(batch, M * T, -1)[:, :length], carry
+
+
+SCANS = ("chunked", "sequential")
+
+
+# ---------------------------------------------------------------------------------------
+# Mamba
+
+
+@dataclass
+class MambaConfig:
+    """Settings of a simplified Mamba mixer. Every field is checked on creation."""
+
+    expand: int = 2  # E = expand * D
+    state_size: int = 16  # N
+    conv_width: int = 4  # K
+    dt_rank: int | None = None  # R; default ceil(D / 16)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    scan: str = "chunked"  # "chunked" (parallel) | "sequential" (reference)
+    chunk: int | None = None  # T of the chunked scan; default ceil(sqrt(G)), G the block length
+
+    def __post_init__(self):
+        for name in ("expand", "state_size", "conv_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("dt_rank", "chunk"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"MambaConfig.{name} must be a positive integer or None, got {value!r}")
+        _check_dt_range("MambaConfig", self.dt_min, self.dt_max)
+        if self.scan not in SCANS:
+            raise ValueError(f"MambaConfig.scan must be one of {SCANS}, got {self.scan!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+MambaState = tuple[torch.Tensor, torch.Tensor]  # last K-1 conv inputs (B, K-1, E), SSM state h (B, E, N)
+
+
+class Mamba(nn.Module):
+    """Simplified Mamba mixer: (B, L, D) -> (B, L, D).
+
+        x, z = split(W_in u)                    two branches of width E
+        x = SiLU(causal depthwise conv_K(x))    short local mixing
+        Δ, B, C = softplus(W_Δ W_r x + b_Δ), W_B x, W_C x     input-dependent (selection)
+        y = SSM_{Δ, A, B, C}(x) + D x           selective scan
+        out = W_out (y ⊙ SiLU(z))               gating
+    """
+
+    def __init__(self, d_model: int, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        E, N, K = config.expand * d_model, config.state_size, config.conv_width
+        self.dt_rank = config.dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
+        self.conv = nn.Conv1d(E, E, K, groups=E)  # depthwise; made causal by left padding
+        self.x_proj = nn.Linear(E, self.dt_rank + 2 * N, bias=False)  # x -> (Δ low-rank, B, C)
+        self.dt_proj = nn.Linear(self.dt_rank, E, bias=False)
+        dt = log_uniform(E, config.dt_min, config.dt_max)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^{-1}: softplus(b_Δ) = Δ_init
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1).float()).repeat(E, 1))  # A = -(1 … N), S4D-Real
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+
+    def selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (…, E) -> Δ (…, E) > 0, B (…, N), C (…, N): the input-dependent SSM parameters."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.config.state_size, self.config.state_size], dim=-1)
+        return F.softplus(self.dt_proj(dt) + self.dt_bias), B, C  # Δ = softplus(W_Δ W_r x + b_Δ)
+
+    def forward(self, u: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
+        """u (B, L, D) and the state after earlier positions (or None) -> (B, L, D) and the new state."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, L, E) each
+        K = self.config.conv_width
+        history = x.new_zeros(x.size(0), K - 1, x.size(2)) if state is None else state[0]
+        x_padded = torch.cat([history, x], dim=1)  # (B, K-1+L, E): position t sees t-K+1 … t
+        x = F.silu(self.conv(x_padded.transpose(1, 2)).transpose(1, 2))  # (B, L, E)
+        delta, B, C = self.selection(x)
+        A = -torch.exp(self.A_log)  # (E, N), negative real: a decaying state
+        h0 = None if state is None else state[1]
+        if self.config.scan == "chunked":
+            y, h = chunked_scan(x, delta, A, B, C, h0, self.config.chunk)
+        else:
+            y, h = sequential_scan(x, delta, A, B, C, h0)
+        y = (y + self.D * x) * F.silu(z)  # skip D x, then the gate SiLU(z)
+        return self.out_proj(y), (x_padded[:, x_padded.size(1) - (K - 1):], h)
+
+    def step(self, u: torch.Tensor, state: MambaState | None) -> tuple[torch.Tensor, MambaState]:
+        """One position in O(1) time and memory: u (B, D) -> (B, D) and the new state."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, E)
+        if state is None:
+            E, N, K = x.size(-1), self.config.state_size, self.config.conv_width
+            state = (x.new_zeros(x.size(0), K - 1, E), x.new_zeros(x.size(0), E, N))
+        window = torch.cat([state[0], x[:, None]], dim=1)  # (B, K, E)
+        x = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias)  # the conv at one position
+        delta, B, C = self.selection(x)
+        y, h = scan_step(state[1], x, delta, -torch.exp(self.A_log), B, C)
+        y = (y + self.D * x) * F.silu(z)
+        return self.out_proj(y), (window[:, 1:], h)
+
+
+# ---------------------------------------------------------------------------------------
+# blocks for common.model.GPT, and the recurrent cache
+
+
+class SSMCache:
+    """Per-layer recurrent states for incremental decoding; ``GPT`` reads ``length``.
+
+    Unlike a KV cache, each layer's state has a fixed size whatever the context.
+    """
+
+    def __init__(self, n_layers: int):
+        self.states: list = [None] * n_layers
+        self.lengths = [0] * n_layers
+
+    @property
+    def length(self) -> int:
+        return self.lengths[0]
+
+    def state_bytes(self) -> int:
+        tensors = [t for s in self.states if s is not None for t in (s if isinstance(s, tuple) else (s,))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _no_padding(key_padding_mask: torch.Tensor | None) -> None:
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask must be None for SSM blocks: a scan has no keys to mask "
+                         "(right-pad the batch instead; a causal scan never sees the padding)")
+
+
+class S4DBlock(nn.Module):
+    """Attention replaced by an S4D layer, FFN kept: x + S4D(LN(x)), then x + FFN(LN(x)). (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, config: GPTConfig, layer_index: int, s4d: S4DConfig):
+        super().__init__()
+        self.layer_index = layer_index
+        self.norm1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mixer = S4DLayer(config.d_model, s4d, config.dropout)
+        self.norm2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout, config.bias)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                cache: SSMCache | None = None) -> torch.Tensor:
+        """Without a cache: the convolutional view. With one: the recurrent view, position by position."""
+        _no_padding(key_padding_mask)
+        if cache is None:
+            x = x + self.mixer(self.norm1(x))
+        else:
+            state, mixed = cache.states[self.layer_index], []
+            for t in range(x.size(1)):
+                y, state = self.mixer.step(self.norm1(x[:, t]), state)
+                mixed.append(y)
+            cache.states[self.layer_index] = state
+            cache.lengths[self.layer_index] += x.size(1)
+            x = x + torch.stack(mixed, dim=1)
+        return x + self.feed_forward(self.norm2(x))
+
+
+class MambaBlock(nn.Module):
+    """Attention and FFN replaced by one Mamba mixer: x + Mamba(LN(x)). (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, config: GPTConfig, layer_index: int, mamba: MambaConfig):
+        super().__init__()
+        self.layer_index = layer_index
+        self.norm = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mixer = Mamba(config.d_model, mamba)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                cache: SSMCache | None = None) -> torch.Tensor:
+        """Without a cache: the parallel scan. With one: continue from the cached state
+        (one new position: the O(1) ``step``; several: the scan from that state)."""
+        _no_padding(key_padding_mask)
+        if cache is None:
+            return x + self.dropout(self.mixer(self.norm(x))[0])
+        state = cache.states[self.layer_index]
+        if x.size(1) == 1:
+            y, state = self.mixer.step(self.norm(x[:, 0]), state)
+            y = y[:, None]
+        else:
+            y, state = self.mixer(self.norm(x), state)
+        cache.states[self.layer_index] = state
+        cache.lengths[self.layer_index] += x.size(1)
+        return x + self.dropout(y)
+
+
+def s4d_block(s4d: S4DConfig):
+    """A ``block=`` factory for ``GPT``: every layer an ``S4DBlock``."""
+    return lambda config, layer_index: S4DBlock(config, layer_index, s4d)
+
+
+def mamba_block(mamba: MambaConfig):
+    """A ``block=`` factory for ``GPT``: every layer a ``MambaBlock``."""
+    return lambda config, layer_index: MambaBlock(config, layer_index, mamba)
+
+
+class SSMGPT(GPT):
+    """``common.model.GPT`` with SSM blocks; only the cache differs, so ``common.generate`` works."""
+
+    def new_cache(self, max_length: int | None = None) -> SSMCache:
+        return SSMCache(self.config.n_layers)
+
+
+def ssm_param_groups(model: nn.Module, lr_scale: float = 1.0) -> list[dict]:
+    """The dynamics parameters (A and Δ) in their own group for ``common.train.train``:
+    lr multiplied by ``lr_scale``, no weight decay (S4's recipe)."""
+    if not lr_scale > 0:
+        raise ValueError(f"lr_scale must be > 0, got {lr_scale!r}")
+    params = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in SSM_DYNAMICS_PARAMETERS]
+    return [{"params": params, "lr_scale": lr_scale, "weight_decay": 0.0}] if params else []
