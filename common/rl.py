@@ -454,7 +454,9 @@ def train_agent(data: Trajectories, config: DTConfig, train_config: TrainConfig,
     """Train a (return-conditioned or BC) Transformer on ``data`` (or on some ``episodes``).
 
     Returns the model (eval mode) and a summary: final loss, steps, seconds, parameters.
+    The initial weights depend only on ``train_config.seed``, not on what ran before.
     """
+    torch.manual_seed(train_config.seed)
     model = DecisionTransformer(config, data.observations.mean(0), data.observations.std(0))
     sampler = WindowSampler(data, config.context, batch_size, episodes)
     state = train(model, sampler, train_config, loss_fn=action_loss, checkpoint_path=checkpoint_path,
