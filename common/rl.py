@@ -370,7 +370,7 @@ def action_loss(model: DecisionTransformer, batch: dict[str, torch.Tensor]) -> t
 
 @dataclass
 class Rollouts:
-    """Returns (M,) and lengths of M evaluation episodes, with the target each one was given."""
+    """Returns (M,) of M evaluation episodes, with the target and the reset seed of each."""
 
     targets: np.ndarray
     returns: np.ndarray
