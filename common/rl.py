@@ -475,7 +475,7 @@ PRESETS = {
         "model": {"context": 4, "d_model": 16, "n_layers": 1, "n_heads": 2},
         "steps": 30, "baseline_steps": 20, "batch_size": 16, "lr": 1e-3,
         "targets": [20, 100, 500], "episodes": 2, "baseline_episodes": 2,
-        "contexts": [1, 4], "ablation_targets": [100, 500], "ablation_steps": 20,
+        "contexts": [1, 4],
         "filtered_fraction": 0.1, "threads": 1, "max_steps": 60, "greedy": False,
     },
     "cpu": {
@@ -483,7 +483,7 @@ PRESETS = {
         "model": {"context": 10, "d_model": 32, "n_layers": 2, "n_heads": 2},
         "steps": 3000, "baseline_steps": 1500, "batch_size": 64, "lr": 1e-3,
         "targets": [20, 50, 100, 150, 200, 250, 300, 400, 500], "episodes": 10, "baseline_episodes": 30,
-        "contexts": [1, 5, 10], "ablation_targets": [50, 150, 300, 500], "ablation_steps": 1500,
+        "contexts": [1, 5, 10],
         "filtered_fraction": 0.1, "threads": 1, "max_steps": MAX_EPISODE_STEPS, "greedy": False,
     },
     "gpu": {
@@ -491,8 +491,8 @@ PRESETS = {
         "model": {"context": 20, "d_model": 128, "n_layers": 3, "n_heads": 4},
         "steps": 20000, "baseline_steps": 10000, "batch_size": 128, "lr": 3e-4,
         "targets": [20, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500], "episodes": 50,
-        "baseline_episodes": 100, "contexts": [1, 5, 10, 20, 50], "ablation_targets": [50, 150, 300, 500],
-        "ablation_steps": 10000, "filtered_fraction": 0.1, "threads": None,
+        "baseline_episodes": 100, "contexts": [1, 5, 10, 20, 50],
+        "filtered_fraction": 0.1, "threads": None,
         "max_steps": MAX_EPISODE_STEPS, "greedy": False,
     },
 }
@@ -553,6 +553,28 @@ def evaluation_seed(seed: int) -> int:
     return 10_000 + 1000 * seed
 
 
+def context_ablation(cfg: dict, data: Trajectories, checkpoint: Callable[[str], Path], seed: int,
+                     device: torch.device | str, main: tuple[dict, dict], progress: bool = True) -> dict[int, dict]:
+    """DT with each context length of ``cfg["contexts"]``, same budget, same seeded episodes.
+
+    ``main`` (the summary and training info of the preset's own model) stands in for its context length.
+    Returns, per K: the per-target summary, ``tracking_metrics``, training seconds and final loss.
+    """
+    common = {"cfg": cfg, "data": data, "checkpoint": checkpoint, "seed": seed, "device": device,
+              "progress": progress}
+    results = {}
+    for context in cfg["contexts"]:
+        if context == cfg["model"]["context"]:
+            summary, info = main
+        else:
+            model, info = fit_agent(f"dt_K{context}", steps=cfg["steps"], context=context, **common)
+            summary = summarise(rollout(model, cfg["targets"], cfg["episodes"], evaluation_seed(seed),
+                                        max_steps=cfg["max_steps"], greedy=cfg["greedy"]))
+        results[context] = {**summary, **tracking_metrics(summary, data), "train_s": info["train_s"],
+                            "loss": info["loss"]}
+    return results
+
+
 def run_experiment(cfg: dict, data: Trajectories, checkpoint: Callable[[str], Path], seed: int,
                    device: torch.device | str, progress: bool = True) -> dict:
     """What the notebook computes, in one call: DT over the targets, BC, %BC, the context ablation."""
@@ -568,11 +590,7 @@ def run_experiment(cfg: dict, data: Trajectories, checkpoint: Callable[[str], Pa
     baselines = {name: float(rollout(model, [0], cfg["baseline_episodes"], eval_seed,
                                      **play).returns.mean())
                  for name, model in (("bc", bc), ("filtered_bc", fbc))}
-    ablation = {}
-    for context in cfg["contexts"]:
-        model, _ = fit_agent(f"dt_K{context}", steps=cfg["ablation_steps"], context=context, **common)
-        ablation[context] = summarise(rollout(model, cfg["ablation_targets"], cfg["episodes"], eval_seed,
-                                              **play))
+    ablation = context_ablation(main=(dt_summary, dt_info), **common)
     return {**dt_summary, **tracking_metrics(dt_summary, data), "bc_return": baselines["bc"],
             "filtered_bc_return": baselines["filtered_bc"], "dataset": dataset_summary(data),
             "train_s": dt_info["train_s"], "context_ablation": ablation}
