@@ -152,11 +152,12 @@ def sliding_window_factory(window: int) -> Callable:
     return factory
 
 
-def flex_sliding_window(length: int, window: int, device=None) -> Callable:
-    """Compiled FlexAttention with a sliding-window block mask for sequences of ``length``.
+def flex_sliding_window(length: int, window: int, device=None, compile: bool = True) -> Callable:
+    """FlexAttention with a sliding-window block mask for sequences of ``length``.
 
     Returns ``attend(q, k, v) -> out`` for q, k, v (B, H, length, E). Forward only on the CPU
-    (FlexAttention has no CPU backward); the first call compiles (seconds per shape).
+    (FlexAttention has no CPU backward). Compiled, the first call takes seconds per shape;
+    ``compile=False`` runs the slow eager reference (for quick checks only).
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -166,5 +167,5 @@ def flex_sliding_window(length: int, window: int, device=None) -> Callable:
         return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
     mask = create_block_mask(in_window, None, None, length, length, device=str(device or "cpu"))
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: compiled(q, k, v, block_mask=mask)
+    attend = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+    return lambda q, k, v: attend(q, k, v, block_mask=mask)
