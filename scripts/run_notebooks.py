@@ -12,12 +12,16 @@ each notebook is printed and kept in results/run_times.json (reference runs only
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Kernels started from here inherit this: it keeps the CPU profiler behind bench.peak_memory
+# from printing a line per use into the notebooks (read when a kernel first imports torch).
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 
 def notebooks(selection: list[str] | None) -> list[Path]:
