@@ -183,13 +183,17 @@ class ExitPolicy:
         raise NotImplementedError
 
 
-class HaltingPolicy(ExitPolicy):
-    """Stop when the learned halting probability chi_n exceeds ``threshold`` (> 1: never)."""
+class ThresholdPolicy(ExitPolicy):
+    """A policy that exits when a per-token score exceeds ``threshold`` (>= 0)."""
 
     def __init__(self, threshold: float):
         if threshold < 0:
-            raise ValueError(f"HaltingPolicy threshold must be >= 0, got {threshold}")
+            raise ValueError(f"{type(self).__name__} threshold must be >= 0, got {threshold}")
         self.threshold = threshold
+
+
+class HaltingPolicy(ThresholdPolicy):
+    """Stop when the learned halting probability chi_n exceeds ``threshold`` (> 1: never)."""
 
     def should_exit(self, model, layer, states, logits):
         return model.halt_probability(layer, states) > self.threshold
@@ -198,15 +202,10 @@ class HaltingPolicy(ExitPolicy):
         return f"halting>{self.threshold:g}"
 
 
-class ConfidencePolicy(ExitPolicy):
+class ConfidencePolicy(ThresholdPolicy):
     """Stop when the exit is confident: max_w p_n(w) > ``threshold`` (>= 1: never)."""
 
     needs_logits = True
-
-    def __init__(self, threshold: float):
-        if threshold < 0:
-            raise ValueError(f"ConfidencePolicy threshold must be >= 0, got {threshold}")
-        self.threshold = threshold
 
     def should_exit(self, model, layer, states, logits):
         return logits.float().softmax(dim=-1).amax(dim=-1) > self.threshold
