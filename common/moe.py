@@ -32,12 +32,17 @@ depends on the other tokens of the batch, which a causal model should not see).
 from __future__ import annotations
 
 import math
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.bench import synchronize, time_call
 from common.data import eval_windows
 
 
@@ -171,18 +176,67 @@ class MoEFeedForward(nn.Module):
         return balance, z_loss, f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_marked(x, lambda step: None)
+
+    def forward_marked(self, x: torch.Tensor, mark: Callable[[str], None]) -> torch.Tensor:
+        """The forward pass, calling ``mark(step)`` as each of its steps ends (for timing)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         routing = self.route(x)
+        mark("route")
         capacity = self.capacity(x.size(0), routing.experts)
         dispatch = self.dispatch(x, routing.experts, capacity)
-        y = self.combine(self.experts(dispatch.buffer), dispatch, routing.gates)
+        mark("dispatch")
+        h = self.experts(dispatch.buffer)
+        mark("experts")
+        y = self.combine(h, dispatch, routing.gates)
+        mark("combine")
         balance, z_loss, load = self.balance_losses(routing)
         self.aux_loss = self.config.aux_loss_weight * balance + self.config.z_loss_weight * z_loss
+        mark("balancing losses")
         self.stats = {"load": load, "dropped": 1.0 - dispatch.kept.float().mean(), "capacity": capacity,
                       "balance_loss": balance.detach(), "z_loss": z_loss.detach(),
                       "experts": routing.experts.detach()}
-        return self.dropout(y).view(shape)
+        out = self.dropout(y).view(shape)
+        mark("statistics, dropout, reshape")
+        return out
+
+
+def forward_step_times(layer: MoEFeedForward, x: torch.Tensor, rounds: int = 20,
+                       references: dict[str, Callable[[], object]] | None = None,
+                       device: torch.device | str | None = None) -> dict[str, float]:
+    """Median seconds of each step of ``layer``'s forward on ``x``, of the whole forward, and
+    of each ``references`` callable, all measured in the same rounds.
+
+    Every round runs the forward once step by step (a clock read, after a device sync, as
+    each step ends), then the plain forward once, then each reference once, so a busy
+    machine slows them all alike and the steps add up to (about) the whole. The first
+    round is a warm-up and is not counted.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    calls = {"whole layer": lambda: layer(x), **(references or {})}
+    samples: dict[str, list[float]] = defaultdict(list)
+    times: dict[str, float] = {}  # this round's seconds per step
+    clock = [0.0]  # the last clock read
+
+    def mark(step: str) -> None:
+        synchronize(device)
+        now = time.perf_counter()
+        times[step] = now - clock[0]
+        clock[0] = now
+
+    for round_index in range(rounds + 1):
+        times.clear()
+        synchronize(device)
+        clock[0] = time.perf_counter()
+        layer.forward_marked(x, mark)
+        for name, call in calls.items():
+            times[name] = time_call(call, warmup=0, repeats=1, device=device).median
+        if round_index:
+            for name, seconds in times.items():
+                samples[name].append(seconds)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def moe_feed_forward(config: MoEConfig):

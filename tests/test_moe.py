@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.model import GPT, FeedForward, GPTConfig
-from common.moe import MoEConfig, MoEFeedForward, moe_feed_forward, moe_layers, record_routing
+from common.moe import MoEConfig, MoEFeedForward, forward_step_times, moe_feed_forward, moe_layers, record_routing
 from common.train import lm_loss
 
 
@@ -169,3 +169,23 @@ def test_gpt_with_moe_sums_the_aux_loss_into_the_training_loss():
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MoEConfig(**{field: value})
+
+
+def test_forward_marked_matches_forward_and_names_every_step():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(8, 16, MoEConfig(n_experts=4, top_k=2)).eval()
+    x = torch.randn(2, 5, 8)
+    steps = []
+    assert torch.equal(layer.forward_marked(x, steps.append), layer(x))
+    assert steps == ["route", "dispatch", "experts", "combine", "balancing losses", "statistics, dropout, reshape"]
+
+
+def test_forward_step_times_covers_steps_whole_and_references():
+    layer = MoEFeedForward(8, 16, MoEConfig(n_experts=2))
+    x = torch.randn(12, 8)
+    times = forward_step_times(layer, x, rounds=2, references={"dense": lambda: x @ x.t()})
+    assert set(times) == {"route", "dispatch", "experts", "combine", "balancing losses",
+                          "statistics, dropout, reshape", "whole layer", "dense"}
+    assert all(t > 0 for t in times.values())
+    with pytest.raises(ValueError, match="rounds"):
+        forward_step_times(layer, x, rounds=0)
