@@ -32,6 +32,7 @@ class CaptionerConfig:
     decoder_layers: int = 3
     max_caption_length: int = 16
     dropout: float = 0.1
+    patch_positions: str = "sincos"  # "sincos": fixed 2-D sine/cosine (MAE); "learned": a free table (ViT)
 
     def __post_init__(self):
         for name in ("vocab_size", "image_size", "patch_size", "channels", "d_model", "n_heads",
@@ -41,6 +42,12 @@ class CaptionerConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"CaptionerConfig.image_size ({self.image_size}) must be a multiple of "
                              f"patch_size ({self.patch_size})")
+        if self.patch_positions not in ("sincos", "learned"):
+            raise ValueError(f"CaptionerConfig.patch_positions must be 'sincos' or 'learned', "
+                             f"got {self.patch_positions!r}")
+        if self.patch_positions == "sincos" and self.d_model % 4:
+            raise ValueError(f"CaptionerConfig.d_model ({self.d_model}) must be a multiple of 4 for "
+                             f"2-D sine/cosine patch positions")
         if self.d_model % self.n_heads:
             raise ValueError(f"CaptionerConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 
@@ -51,6 +58,26 @@ class CaptionerConfig:
     def block_config(self, n_layers: int, context: int) -> GPTConfig:
         return GPTConfig(vocab_size=self.vocab_size, context_length=context, d_model=self.d_model,
                          n_layers=n_layers, n_heads=self.n_heads, dropout=self.dropout)
+
+
+def sincos_positions_2d(side: int, d_model: int) -> torch.Tensor:
+    """Fixed 2-D positions of a side x side grid (MAE, He et al. 2022) -> (side², D), row-major.
+
+    Half of the channels encode the row, half the column, each with the 1-D code of Vaswani
+    et al.: PE(pos, 2i) = sin(pos / 10000^(4i/D)), PE(pos, 2i+1) = cos(pos / 10000^(4i/D)).
+    Unlike a freshly initialised table (std 0.02), these are unit-scale from the first step,
+    so "where is this patch" is readable at once.
+    """
+    quarter = d_model // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # (D/4,)
+    grid = torch.arange(side, dtype=torch.float32)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")  # (side, side) each
+
+    def code(pos: torch.Tensor) -> torch.Tensor:  # (side²,) -> (side², D/2)
+        angles = pos.flatten()[:, None] * frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    return torch.cat([code(rows), code(cols)], dim=-1)
 
 
 class ViTEncoder(nn.Module):
@@ -64,7 +91,12 @@ class ViTEncoder(nn.Module):
         self.config = config
         # x_p W_E for every p x p patch: a convolution with stride p is exactly that linear map
         self.patch_embedding = nn.Conv2d(config.channels, config.d_model, config.patch_size, stride=config.patch_size)
-        self.position_embedding = nn.Parameter(torch.randn(1, config.n_patches, config.d_model) * 0.02)
+        side = config.image_size // config.patch_size
+        if config.patch_positions == "learned":
+            self.position_embedding = nn.Parameter(torch.randn(1, config.n_patches, config.d_model) * 0.02)
+        else:
+            positions = sincos_positions_2d(side, config.d_model)[None]  # (1, P, D)
+            self.register_buffer("position_embedding", positions, persistent=False)
         block_config = config.block_config(config.encoder_layers, config.n_patches)
 
         def bidirectional(c: GPTConfig, i: int) -> nn.Module:

@@ -23,6 +23,7 @@ from common.vision import (
     decode_caption,
     encode_captions,
     greedy_captions,
+    sincos_positions_2d,
 )
 
 
@@ -124,3 +125,22 @@ def test_caption_encoding_and_training_step(captioner):
     loss = caption_loss(captioner, batch)
     loss.backward()
     assert torch.isfinite(loss) and captioner.encoder.patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_sincos_patch_positions_code_row_and_column_and_are_fixed():
+    positions = sincos_positions_2d(side=4, d_model=16)  # (16 patches, 16)
+    assert positions.shape == (16, 16)
+    row_code, col_code = positions[:, :8], positions[:, 8:]
+    assert torch.equal(row_code[0], row_code[3]) and not torch.equal(row_code[0], row_code[4])  # same row
+    assert torch.equal(col_code[0], col_code[4]) and not torch.equal(col_code[0], col_code[1])  # same column
+    assert len({tuple(p.tolist()) for p in positions}) == 16  # every patch has its own code
+    config = CaptionerConfig(vocab_size=10, d_model=16, n_heads=2, encoder_layers=1, decoder_layers=1)
+    encoder = Captioner(config).encoder
+    assert "position_embedding" not in dict(encoder.named_parameters())
+    learned = Captioner(CaptionerConfig(vocab_size=10, d_model=16, n_heads=2, encoder_layers=1, decoder_layers=1,
+                                        patch_positions="learned")).encoder
+    assert "position_embedding" in dict(learned.named_parameters())
+    with pytest.raises(ValueError, match="patch_positions"):
+        CaptionerConfig(vocab_size=10, patch_positions="rope")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        CaptionerConfig(vocab_size=10, d_model=18, n_heads=2)
