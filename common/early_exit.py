@@ -120,10 +120,32 @@ def per_exit_nll(model: EarlyExitGPT, idx: torch.Tensor, targets: torch.Tensor) 
     ])
 
 
-def multi_exit_loss(model: EarlyExitGPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Stage 1: L = sum_n w_n * mean_t(-log p_n(y_t)), the exit losses weighted across layers."""
+def multi_exit_loss(model: EarlyExitGPT, batch: tuple[torch.Tensor, torch.Tensor],
+                    token_fraction: float = 1.0) -> torch.Tensor:
+    """Stage 1: L = sum_n w_n * mean_t(-log p_n(y_t)), the exit losses weighted across layers.
+
+    With ``token_fraction`` < 1 the exits below the last are scored on a random share of
+    the positions (the same positions for all of them, drawn from torch's generator): an
+    unbiased estimate of their mean loss that reads the V-wide head on fewer tokens. The
+    last exit is always scored on every position.
+    """
+    if not 0 < token_fraction <= 1:
+        raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
     x, y = batch
-    return (model.exit_weights * per_exit_nll(model, x, y).mean(dim=(1, 2))).sum()
+    targets = y.flatten()
+    picked = None
+    if token_fraction < 1:
+        count = max(1, round(token_fraction * targets.numel()))
+        picked = torch.randperm(targets.numel(), device=targets.device)[:count]
+    losses = []
+    for layer, states in enumerate(model.exit_states(x), start=1):
+        states = states.flatten(0, 1)
+        if picked is not None and layer < model.n_layers:
+            states, layer_targets = states[picked], targets[picked]
+        else:
+            layer_targets = targets
+        losses.append(F.cross_entropy(model.logits(states).float(), layer_targets))  # mean_t -log p_n(y_t)
+    return (model.exit_weights * torch.stack(losses)).sum()
 
 
 def oracle_depth(nll: torch.Tensor, depth_penalty: float) -> torch.Tensor:
@@ -248,6 +270,8 @@ def block_on_active(block: Block, h: torch.Tensor, active: torch.Tensor) -> torc
     queries of each row are packed to the left, (B, Q, D) with Q = the most active tokens
     in a row, and each may look at keys up to its own position.
     """
+    if bool(active.all()):
+        return block(h)  # nothing to skip: the dense block is the same computation, faster
     attn = block.attention
     d = h.size(-1)
     rows, cols = active.nonzero(as_tuple=True)  # (A,), (A,)
@@ -273,35 +297,40 @@ def block_on_active(block: Block, h: torch.Tensor, active: torch.Tensor) -> torc
 def adaptive_forward(model: EarlyExitGPT, idx: torch.Tensor, policy: ExitPolicy) -> AdaptiveOutput:
     """Run ``idx`` (B, L) with per-token exits; exited tokens are not computed further.
 
-    After each layer n the policy decides for the active tokens; those that stop get their
-    logits from the shared head now and keep h_n as their state in every layer above. The
-    last layer stops everyone. Each token's logits are computed once (or, for a policy that
-    reads logits, once per layer it visits).
+    After each layer n the policy decides for the active tokens; those that stop keep h_n
+    as their state in every layer above, and the last layer stops everyone. Because an
+    exited state is copied upward unchanged, the final states are every token's exit
+    state, and one pass of the shared head over them gives each token's exit logits (the
+    head runs once per token). A policy that reads logits has paid the head at every layer
+    its tokens visited: those logits are kept instead of being computed again.
     """
     h = model.embed(idx)
     batch, length = idx.shape
     active = torch.ones(batch, length, dtype=torch.bool, device=idx.device)
-    exit_layer = torch.zeros(batch, length, dtype=torch.long, device=idx.device)
-    logits = None
+    exit_layer = torch.full((batch, length), model.n_layers, dtype=torch.long, device=idx.device)
+    kept_logits = None  # (B, L, V) logits of the tokens that stopped early, for a policy that reads them
     for layer, block in enumerate(model.blocks, start=1):
         h = block_on_active(block, h, active)
+        if layer == model.n_layers:
+            break
         rows, cols = active.nonzero(as_tuple=True)
         states = model.readout(h[rows, cols])  # (A, D)
         active_logits = model.logits(states) if policy.needs_logits else None
-        stop = (torch.ones_like(rows, dtype=torch.bool) if layer == model.n_layers
-                else policy.should_exit(model, layer, states, active_logits))
-        if active_logits is None:
-            active_logits = model.logits(states[stop])
-        else:
-            active_logits = active_logits[stop]
-        if logits is None:
-            logits = active_logits.new_zeros(batch, length, active_logits.size(-1))
-        logits[rows[stop], cols[stop]] = active_logits
-        exit_layer[rows[stop], cols[stop]] = layer
-        active[rows[stop], cols[stop]] = False
+        stop = policy.should_exit(model, layer, states, active_logits)
+        rows, cols = rows[stop], cols[stop]
+        if active_logits is not None:
+            if kept_logits is None:
+                kept_logits = active_logits.new_zeros(batch, length, active_logits.size(-1))
+            kept_logits[rows, cols] = active_logits[stop]
+        exit_layer[rows, cols] = layer
+        active[rows, cols] = False
         if not active.any():
             break
-    return AdaptiveOutput(logits, exit_layer)
+    if kept_logits is None:
+        return AdaptiveOutput(model.logits(model.readout(h)), exit_layer)
+    rows, cols = active.nonzero(as_tuple=True)  # the tokens that reached the last layer
+    kept_logits[rows, cols] = model.logits(model.readout(h[rows, cols]))
+    return AdaptiveOutput(kept_logits, exit_layer)
 
 
 @torch.no_grad()

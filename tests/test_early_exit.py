@@ -14,6 +14,7 @@ from common.early_exit import (
     masked_forward,
     multi_exit_loss,
     oracle_depth,
+    per_exit_nll,
     token_category,
 )
 from common.model import GPTConfig
@@ -140,3 +141,18 @@ def test_token_categories():
     assert [token_category(t) for t in ("the", "N", "$", "<eos>", "<unk>", "stock", "n't")] == [
         "stop-word", "number", "punctuation/symbol", "<eos>", "<unk>", "content word", "stop-word"]
     assert [frequency_band(c) for c in (5000, 100, 3)] == ["frequent", "middle", "rare"]
+
+
+def test_multi_exit_loss_is_the_weighted_mean_of_exit_losses_and_its_subsample_is_unbiased():
+    model, x = make_model(), tokens(batch=4)
+    batch = (x[:, :-1], x[:, 1:])
+    with torch.no_grad():
+        per_exit = per_exit_nll(model, *batch).mean(dim=(1, 2))  # (N,)
+        full = multi_exit_loss(model, batch)
+        torch.testing.assert_close(full, (model.exit_weights * per_exit).sum())
+        torch.manual_seed(0)
+        estimates = torch.stack([multi_exit_loss(model, batch, token_fraction=0.25) for _ in range(400)])
+    assert not torch.allclose(estimates[0], estimates[1])  # the positions really are sampled
+    assert abs(estimates.mean() - full) < 0.01 * full
+    with pytest.raises(ValueError, match="token_fraction"):
+        multi_exit_loss(model, batch, token_fraction=0.0)
