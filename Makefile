@@ -3,8 +3,13 @@ PYTHON ?= python3
 NB ?=
 NB_ARGS := $(foreach n,$(NB),--nb $(n))
 export KINETO_LOG_LEVEL := 5
+# Exports: MathJax 2.7 (Debian's libjs-mathjax) and Chromium, found here or where these point.
+export MATHJAX_DIR ?= /usr/share/javascript/mathjax
+export CHROMIUM ?= chromium
+# $(call need,CHECK,WHAT,PACKAGE): stop with the install command when CHECK fails.
+need = @$(1) >/dev/null 2>&1 || { echo "make $@ needs $(2): install it with 'apt-get install $(3)' (as root)"; exit 1; }
 
-.PHONY: help setup run smoke test unit lint results bench html clean
+.PHONY: help setup run smoke test unit lint results bench html pdf slides lines clean
 
 help:
 	@echo "make setup            install the pinned requirements"
@@ -15,7 +20,10 @@ help:
 	@echo "make lint             ruff on .py and .ipynb; notebooks stored without outputs"
 	@echo "make bench            the GPT core benchmark -> results/00_core_benchmark.json"
 	@echo "make results          regenerate README's results section from results/*.json"
-	@echo "make html             export the executed notebooks in build/executed to build/html"
+	@echo "make html [NB=02]     executed notebooks (build/executed) -> build/html/, offline MathJax"
+	@echo "make pdf [NB=02]      the same pages printed by headless Chromium -> build/pdf/"
+	@echo "make slides [NB=02]   reveal.js decks from the cells' slide metadata -> build/slides/"
+	@echo "make lines            code lines per notebook (+ the common/ modules it uses) -> README"
 
 setup:
 	$(PYTHON) -m pip install -r requirements.txt
@@ -43,7 +51,21 @@ results:
 	$(PYTHON) scripts/results_table.py
 
 html:
-	@for nb in build/executed/*.ipynb; do $(PYTHON) -m jupyter nbconvert --to html --output-dir build/html $$nb; done
+	$(call need,test -f $(MATHJAX_DIR)/MathJax.js,MathJax 2.7,libjs-mathjax)
+	$(PYTHON) scripts/export.py html $(NB_ARGS)
+
+pdf:
+	$(call need,test -f $(MATHJAX_DIR)/MathJax.js,MathJax 2.7,libjs-mathjax)
+	$(call need,command -v $(CHROMIUM),Chromium,chromium)
+	$(PYTHON) scripts/export.py pdf $(NB_ARGS)
+
+slides:
+	$(call need,test -f $(MATHJAX_DIR)/MathJax.js,MathJax 2.7,libjs-mathjax)
+	$(call need,command -v npm,npm (reveal.js comes from the npm registry),npm)
+	$(PYTHON) scripts/export.py slides $(NB_ARGS)
+
+lines:
+	$(PYTHON) scripts/count_lines.py
 
 clean:
-	rm -rf build/smoke build/executed build/html
+	rm -rf build/smoke build/executed build/html build/pdf build/slides

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 
-def notebooks(selection: list[str] | None) -> list[Path]:
-    found = sorted(ROOT.glob("[0-9][0-9]_*.ipynb"))
+def notebooks(selection: list[str] | None, folder: Path = ROOT) -> list[Path]:
+    found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
     if not selection:
         return found
     chosen = [p for p in found if any(p.name.startswith(s.zfill(2)) or p.stem == s for s in selection)]
@@ -51,6 +51,13 @@ def execute(path: Path, smoke: bool, out_dir: Path | None, executed_dir: Path, e
 
 
 def export_html(executed: Path, html_dir: Path) -> Path:
+    """The offline HTML of scripts/export.py; without a local MathJax, nbconvert's default (a CDN)."""
+    import export
+
+    try:
+        return export.export_html([executed], html_dir)[0]
+    except SystemExit as error:
+        print(f"  {error}; exporting with MathJax from a CDN instead")
     from nbconvert import HTMLExporter
 
     html_dir.mkdir(parents=True, exist_ok=True)
