@@ -7,7 +7,10 @@ every allocation and free made by PyTorch (so it counts tensors, not the process
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -60,6 +63,25 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 5,
     )
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Send the process's file descriptor 2 to /dev/null for the duration of the block.
+
+    The profiler's native code prints a "profiler_start"/"profiler_stop" line to fd 2 on
+    every use, which no logging level turns off; it would fill a notebook's outputs.
+    Python-level errors raised inside the block still propagate normally.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """Peak bytes allocated by PyTorch during ``fn()`` above what was allocated before."""
     device = torch.device(device)
@@ -70,8 +92,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated(device) - before
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True, record_shapes=False) as prof:
+    with native_stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                          profile_memory=True, record_shapes=False) as prof:
         fn()
     # Each allocation is booked on the op that made it (its self memory, > 0), each free
     # on a "[memory]" event (< 0); replaying them in time order gives the live bytes.

@@ -59,3 +59,8 @@ def test_save_figure_and_presets(tmp_path):
         resolve_preset("tpu")
     paths = run_paths(tmp_path / "out", smoke=True)
     assert paths.figures.is_dir() and paths.results.is_dir() and paths.checkpoints.is_dir()
+
+
+def test_cpu_peak_memory_prints_nothing_to_the_native_stderr(capfd):
+    assert peak_memory(lambda: torch.ones(256, 256)) >= 256 * 256 * 4
+    assert capfd.readouterr().err == ""
