@@ -177,10 +177,9 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q (B, H, L, E), k, v (B, H, S, E) -> (B, H, L, E) and optional weights (B, H, L, S)."""
-        allowed = causal_mask(q.size(-2), k.size(-2), q.device) if self.causal else None
         fused_causal = self.causal and key_padding_mask is None and q.size(-2) == k.size(-2)
-        if fused_causal:
-            allowed = None
+        needs_mask = self.causal and not fused_causal
+        allowed = causal_mask(q.size(-2), k.size(-2), q.device) if needs_mask else None
         allowed = combine_masks(allowed, key_padding_mask)
         return scaled_dot_product(
             q, k, v, allowed,

@@ -43,6 +43,17 @@ def test_future_tokens_never_change_earlier_outputs():
     assert not torch.allclose(layer(x)[:, 5:], layer(changed)[:, 5:])
 
 
+def test_fused_causal_path_builds_no_mask(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("causal_mask built on the fused path")
+
+    layer = MultiHeadAttention(8, 2, causal=True, backend="sdpa").eval()
+    x = torch.randn(2, 6, 8)
+    expected = layer(x)
+    monkeypatch.setattr("common.attention.causal_mask", fail)
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_fully_masked_rows_stay_finite_with_gradients():
     layer = MultiHeadAttention(8, 2, causal=True)
     x = torch.randn(2, 5, 8, requires_grad=True)
