@@ -28,6 +28,7 @@ Layers are numbered 1..N; "depth" is the number of layers a token went through.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -421,24 +422,50 @@ def exit_nll_table(model: EarlyExitGPT, ids: torch.Tensor, context_length: int,
 
 def measure_policies(model: EarlyExitGPT, ids: torch.Tensor, policies: list[ExitPolicy],
                      context_length: int, bench_batch: torch.Tensor, batch_size: int = 32,
-                     repeats: int = 3) -> list[dict]:
+                     rounds: int = 5) -> list[dict]:
     """Quality and cost of each policy: one row per policy.
 
-    ``ppl``, ``avg_depth``, ``compute_saving`` over the stream ``ids``; ``flops`` and the
-    wall time ``seconds`` of ``adaptive_forward`` on ``bench_batch`` (B, L): the fastest of
-    ``repeats`` calls, the one least disturbed by other work on a shared machine.
+    ``ppl``, ``avg_depth``, ``compute_saving`` over the stream ``ids``; ``flops`` of
+    ``adaptive_forward`` on ``bench_batch`` (B, L); ``seconds`` and ``time_vs_full``, its
+    wall time alone and relative to the full-depth forward, from ``time_policies``.
     """
     rows = []
     for policy in tqdm(policies, desc="policies", leave=False):
         result = evaluate_policy(model, ids, policy, context_length, batch_size)
-        run = partial(adaptive_forward, model, bench_batch, policy)
         rows.append({
             "policy": type(policy).__name__.removesuffix("Policy").lower(),
             "threshold": getattr(policy, "threshold", getattr(policy, "depth", None)),
             "avg_depth": result.avg_depth, "ppl": result.ppl, "compute_saving": result.compute_saving,
-            "flops": count_flops(run), "seconds": time_call(run, warmup=1, repeats=repeats).minimum,
+            "flops": count_flops(partial(adaptive_forward, model, bench_batch, policy)),
         })
+    seconds = time_policies(model, bench_batch, policies, rounds)
+    for row, policy in zip(rows, policies):
+        row["seconds"] = seconds[repr(policy)]
+        row["time_vs_full"] = seconds[repr(policy)] / seconds["full depth"]
     return rows
+
+
+@torch.no_grad()
+def time_policies(model: EarlyExitGPT, bench_batch: torch.Tensor, policies: list[ExitPolicy],
+                  rounds: int = 5) -> dict[str, float]:
+    """Median seconds of the full-depth forward ("full depth") and of ``adaptive_forward``
+    under each policy (keyed by ``repr(policy)``) on ``bench_batch`` (B, L).
+
+    Every round calls each of them once, in turn, so a machine that speeds up or slows
+    down during the measurement affects them all alike; one untimed round warms up.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    model.eval()
+    calls = {"full depth": partial(model, bench_batch),
+             **{repr(p): partial(adaptive_forward, model, bench_batch, p) for p in policies}}
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(rounds + 1):
+        for name, call in calls.items():
+            seconds = time_call(call, warmup=0, repeats=1).median
+            if round_index:
+                samples[name].append(seconds)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,9 +12,11 @@ from common.early_exit import (
     frequency_band,
     halting_loss,
     masked_forward,
+    measure_policies,
     multi_exit_loss,
     oracle_depth,
     per_exit_nll,
+    time_policies,
     token_category,
 )
 from common.model import GPTConfig
@@ -156,3 +158,18 @@ def test_multi_exit_loss_is_the_weighted_mean_of_exit_losses_and_its_subsample_i
     assert abs(estimates.mean() - full) < 0.01 * full
     with pytest.raises(ValueError, match="token_fraction"):
         multi_exit_loss(model, batch, token_fraction=0.0)
+
+
+def test_measure_policies_reports_quality_flops_and_interleaved_times():
+    model, x = make_model(), tokens(batch=2)
+    ids = torch.randint(0, V, (3 * L + 1,), generator=torch.Generator().manual_seed(3))
+    policies = [FixedDepthPolicy(1), FixedDepthPolicy(4), HaltingPolicy(0.5)]
+    rows = measure_policies(model, ids, policies, L, x, batch_size=2, rounds=2)
+    assert [r["policy"] for r in rows] == ["fixeddepth", "fixeddepth", "halting"]
+    assert rows[0]["avg_depth"] == 1 and rows[1]["avg_depth"] == 4
+    assert rows[0]["flops"] < rows[1]["flops"]
+    assert all(r["seconds"] > 0 and r["time_vs_full"] > 0 for r in rows)
+    times = time_policies(model, x, policies, rounds=1)
+    assert set(times) == {"full depth", *map(repr, policies)}
+    with pytest.raises(ValueError, match="rounds"):
+        time_policies(model, x, policies, rounds=0)
