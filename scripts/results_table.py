@@ -53,8 +53,9 @@ def render(results: dict[str, dict]) -> str:
                      f"| {metrics} |")
     times = results.get("run_times")
     if times:
-        lines += ["", f"Reference run, all notebooks: {times['total_s'] / 60:.1f} min in total "
-                      f"({', '.join(f'{k[:2]} {v / 60:.1f}' for k, v in times['notebooks'].items())} min)."]
+        per_notebook = ", ".join(f"{k[:2]} {v / 60:.1f}" for k, v in sorted(times["notebooks"].items()))
+        lines += ["", f"Reference run (cpu preset), all notebooks one after another: "
+                      f"{times['total_s'] / 60:.1f} min in total ({per_notebook} min)."]
     lines += ["", END]
     return "\n".join(lines)
 
