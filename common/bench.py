@@ -34,6 +34,22 @@ class Timing:
         return asdict(self)
 
 
+def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = 5,
+                     device: torch.device | str | None = None) -> dict[str, float]:
+    """Median seconds of each call, measured in rounds that call each of them once, in turn,
+    so a machine that speeds up or slows down affects them all alike. One untimed round
+    warms up."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(rounds + 1):
+        for name, call in calls.items():
+            seconds = time_call(call, warmup=0, repeats=1, device=device).median
+            if round_index:
+                samples[name].append(seconds)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def synchronize(device: torch.device | str | None = None) -> None:
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.synchronize()

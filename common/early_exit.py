@@ -28,7 +28,6 @@ Layers are numbered 1..N; "depth" is the number of layers a token went through.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.bench import count_flops, time_call
+from common.bench import count_flops, time_interleaved
 from common.data import eval_windows
 from common.model import GPT, Block, GPTConfig
 
@@ -454,18 +453,10 @@ def time_policies(model: EarlyExitGPT, bench_batch: torch.Tensor, policies: list
     Every round calls each of them once, in turn, so a machine that speeds up or slows
     down during the measurement affects them all alike; one untimed round warms up.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
     model.eval()
     calls = {"full depth": partial(model, bench_batch),
              **{repr(p): partial(adaptive_forward, model, bench_batch, p) for p in policies}}
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for round_index in range(rounds + 1):
-        for name, call in calls.items():
-            seconds = time_call(call, warmup=0, repeats=1).median
-            if round_index:
-                samples[name].append(seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return time_interleaved(calls, rounds)
 
 
 # ---------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.bench import synchronize, time_call
+from common.bench import synchronize, time_interleaved
 from common.data import eval_windows
 
 
@@ -213,30 +213,25 @@ def forward_step_times(layer: MoEFeedForward, x: torch.Tensor, rounds: int = 20,
     machine slows them all alike and the steps add up to (about) the whole. The first
     round is a warm-up and is not counted.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    calls = {"whole layer": lambda: layer(x), **(references or {})}
-    samples: dict[str, list[float]] = defaultdict(list)
-    times: dict[str, float] = {}  # this round's seconds per step
+    step_samples: dict[str, list[float]] = defaultdict(list)
     clock = [0.0]  # the last clock read
 
     def mark(step: str) -> None:
         synchronize(device)
         now = time.perf_counter()
-        times[step] = now - clock[0]
+        step_samples[step].append(now - clock[0])
         clock[0] = now
 
-    for round_index in range(rounds + 1):
-        times.clear()
+    def step_by_step() -> None:
         synchronize(device)
         clock[0] = time.perf_counter()
         layer.forward_marked(x, mark)
-        for name, call in calls.items():
-            times[name] = time_call(call, warmup=0, repeats=1, device=device).median
-        if round_index:
-            for name, seconds in times.items():
-                samples[name].append(seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}
+
+    totals = time_interleaved({"steps": step_by_step, "whole layer": lambda: layer(x), **(references or {})},
+                              rounds, device)
+    del totals["steps"]
+    steps = {step: statistics.median(seconds[1:]) for step, seconds in step_samples.items()}  # [0]: warm-up
+    return {**steps, **totals}
 
 
 def moe_feed_forward(config: MoEConfig):

@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from common.bench import count_flops, peak_memory, throughput, time_call  # noqa: E402
+from common.bench import count_flops, peak_memory, throughput, time_call, time_interleaved  # noqa: E402
 from common.plots import save_figure, use_style  # noqa: E402
 from common.results import RunRecord, load_results, write_json  # noqa: E402
 from common.runtime import resolve_preset, run_paths  # noqa: E402
@@ -64,3 +64,10 @@ def test_save_figure_and_presets(tmp_path):
 def test_cpu_peak_memory_prints_nothing_to_the_native_stderr(capfd):
     assert peak_memory(lambda: torch.ones(256, 256)) >= 256 * 256 * 4
     assert capfd.readouterr().err == ""
+
+
+def test_time_interleaved_gives_one_median_per_call():
+    times = time_interleaved({"a": lambda: torch.ones(64, 64) @ torch.ones(64, 64), "b": lambda: None}, rounds=2)
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    with pytest.raises(ValueError, match="rounds"):
+        time_interleaved({"a": lambda: None}, rounds=0)
