@@ -16,12 +16,16 @@ import argparse
 import ast
 import io
 import json
+import sys
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = "common"
+sys.path.insert(0, str(ROOT))
+
+from common.fingerprint import PACKAGE, modules_used  # noqa: E402
+
 BEGIN, END = "<!-- lines:begin -->", "<!-- lines:end -->"
 NOT_CODE = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
             tokenize.ENDMARKER, tokenize.ENCODING}
@@ -66,53 +70,6 @@ def notebook_cells(path: Path) -> list[str]:
     sources = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
                for c in cells if c["cell_type"] == "code"]
     return [TransformerManager().transform_cell(s) for s in sources if s.strip()]
-
-
-def module_path(name: str, root: Path) -> Path | None:
-    """The file of the dotted module `name` under `root` (a module or a package), or None."""
-    base = root.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def imported_modules(source: str, root: Path, path: Path | None = None) -> set[str]:
-    """Dotted names of the PACKAGE modules that `source` imports (`path`: its file, for relative imports)."""
-    found = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                if path is None:
-                    continue
-                package = path.parent.relative_to(root).parts
-                package = package[:len(package) - node.level + 1]
-                base = ".".join([*package, *([node.module] if node.module else [])])
-            else:
-                base = node.module
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]  # `from common import data`
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == PACKAGE:  # importing common.a.b runs common and common.a too
-                found.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-                             if module_path(p, root))
-    return found
-
-
-def modules_used(sources: list[str], root: Path) -> dict[str, Path]:
-    """Every PACKAGE module that the sources import, directly or through other PACKAGE modules."""
-    todo = set().union(*(imported_modules(s, root) for s in sources))
-    used: dict[str, Path] = {}
-    while todo:
-        name = todo.pop()
-        if name not in used:
-            used[name] = module_path(name, root)
-            todo |= imported_modules(used[name].read_text(encoding="utf-8"), root, used[name])
-    return dict(sorted(used.items()))
 
 
 @dataclass

@@ -1,0 +1,87 @@
+"""Fingerprints that change with settings and code, seeds summarised with intervals, plot helpers."""
+
+import shutil
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from common import fingerprint as fp  # noqa: E402
+from common.model import GPT, GPTConfig  # noqa: E402
+from common.plots import draw_reference_levels, plot_with_interval  # noqa: E402
+from common.seeds import run_seeds  # noqa: E402
+from common.stats import mean_ci  # noqa: E402
+from common.train import TrainConfig  # noqa: E402
+
+
+def test_fingerprint_follows_settings():
+    a = fp.fingerprint({"steps": 10}, TrainConfig(steps=10, warmup_steps=1))
+    assert a == fp.fingerprint({"steps": 10}, TrainConfig(steps=10, warmup_steps=1))
+    assert a != fp.fingerprint({"steps": 11}, TrainConfig(steps=10, warmup_steps=1))
+    assert a != fp.fingerprint({"steps": 10}, TrainConfig(steps=10, warmup_steps=1, lr=1e-4))
+    with pytest.raises(ValueError, match="at least one part"):
+        fp.fingerprint()
+
+
+def test_fingerprint_of_a_model_covers_its_architecture():
+    small = GPT(GPTConfig(vocab_size=11, context_length=8, d_model=16, n_layers=1, n_heads=2))
+    deeper = GPT(GPTConfig(vocab_size=11, context_length=8, d_model=16, n_layers=2, n_heads=2))
+    assert fp.fingerprint(small) != fp.fingerprint(deeper)
+
+
+def test_code_digest_changes_with_code_but_not_comments(tmp_path):
+    """A copy of the package where one module imported by another is edited."""
+    root = tmp_path / "project"
+    shutil.copytree(fp.ROOT / "common", root / "common", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def digest():
+        return fp.code_digest(["common.model"], root)  # imports common.attention
+
+    before = digest()
+    attention = root / "common" / "attention.py"
+    attention.write_text(attention.read_text() + "\n# a comment changes nothing\n")
+    assert digest() == before
+    attention.write_text(attention.read_text() + "\nCHANGED = 1\n")
+    assert digest() != before
+    assert "common.attention" in fp.modules_used((), root, start=["common.model"])
+
+
+def test_run_seeds_collects_and_summarises(tmp_path):
+    seen = []
+
+    def train_one(seed, path):
+        seen.append((seed, path))
+        return {"ppl": 100.0 + seed, "acc": {"copy": 0.5 + 0.1 * seed}}
+
+    runs = run_seeds(train_one, [0, 1, 2], checkpoint_for=lambda seed: tmp_path / f"s{seed}.pt", name="dense",
+                     verbose=False)
+    assert seen == [(s, tmp_path / f"s{s}.pt") for s in (0, 1, 2)]
+    assert runs.values("ppl") == [100.0, 101.0, 102.0]
+    assert runs.values("acc.copy") == pytest.approx([0.5, 0.6, 0.7])
+    summary = runs.summary("ppl")
+    assert summary["mean"] == 101.0 and summary["seeds"] == [0, 1, 2]
+    assert summary["ci"] == pytest.approx([mean_ci([100, 101, 102]).low, mean_ci([100, 101, 102]).high])
+    with pytest.raises(KeyError, match="missing"):
+        runs.values("missing")
+
+
+@pytest.mark.parametrize("seeds", [[], [0, 0], [-1], ["a"]])
+def test_run_seeds_refuses_bad_seeds(seeds):
+    with pytest.raises(ValueError, match="seeds"):
+        run_seeds(lambda seed, path: {}, seeds)
+
+
+def test_reference_levels_and_intervals_are_drawn_and_labelled():
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [150, 160, 170])
+    plot_with_interval(ax, [0, 1, 2], [{"mean": 150, "ci": [145, 155]}, (160, 150, 170),
+                                       mean_ci([168, 170, 172])], label="model")
+    plot_with_interval(ax, [0, 1], [(150, 140, 160), (155, 150, 160)], label="band", band=True)
+    draw_reference_levels(ax, {"bigram": 200.0, "trigram": 158.0})
+    labels = ax.get_legend_handles_labels()[1]
+    assert "count trigram: 158" in labels
+    assert any(label.startswith("count bigram: 200 (off scale, above)") for label in labels)
+    assert ax.get_ylim()[1] < 200  # the off-scale level did not squash the data
+    plt.close(fig)
