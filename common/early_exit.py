@@ -456,7 +456,7 @@ def time_policies(model: EarlyExitGPT, bench_batch: torch.Tensor, policies: list
     model.eval()
     calls = {"full depth": partial(model, bench_batch),
              **{repr(p): partial(adaptive_forward, model, bench_batch, p) for p in policies}}
-    return time_interleaved(calls, rounds)
+    return {name: timing.median for name, timing in time_interleaved(calls, rounds).items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -228,10 +228,10 @@ def forward_step_times(layer: MoEFeedForward, x: torch.Tensor, rounds: int = 20,
         layer.forward_marked(x, mark)
 
     totals = time_interleaved({"steps": step_by_step, "whole layer": lambda: layer(x), **(references or {})},
-                              rounds, device)
+                              rounds, warmup=1, device=device)
     del totals["steps"]
     steps = {step: statistics.median(seconds[1:]) for step, seconds in step_samples.items()}  # [0]: warm-up
-    return {**steps, **totals}
+    return {**steps, **{name: timing.median for name, timing in totals.items()}}
 
 
 def moe_feed_forward(config: MoEConfig):

@@ -1,4 +1,5 @@
 import json
+import time
 
 import matplotlib
 
@@ -7,7 +8,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from common.bench import count_flops, peak_memory, throughput, time_call, time_interleaved  # noqa: E402
+from common.bench import (  # noqa: E402
+    count_flops,
+    fixed_threads,
+    non_monotone,
+    peak_memory,
+    ratio_spread,
+    throughput,
+    time_call,
+    time_interleaved,
+    timed_sweep,
+)
 from common.plots import save_figure, use_style  # noqa: E402
 from common.results import RunRecord, load_results, write_json  # noqa: E402
 from common.runtime import resolve_preset, run_paths  # noqa: E402
@@ -57,7 +68,7 @@ def test_save_figure_and_presets(tmp_path):
     assert resolve_preset("auto") in ("cpu", "gpu")
     with pytest.raises(ValueError, match="PRESET"):
         resolve_preset("tpu")
-    paths = run_paths(tmp_path / "out", smoke=True)
+    paths = run_paths(tmp_path / "out", "smoke")
     assert paths.figures.is_dir() and paths.results.is_dir() and paths.checkpoints.is_dir()
 
 
@@ -66,8 +77,51 @@ def test_cpu_peak_memory_prints_nothing_to_the_native_stderr(capfd):
     assert capfd.readouterr().err == ""
 
 
-def test_time_interleaved_gives_one_median_per_call():
-    times = time_interleaved({"a": lambda: torch.ones(64, 64) @ torch.ones(64, 64), "b": lambda: None}, rounds=2)
-    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+def test_time_interleaved_gives_a_timing_with_spread_per_call():
+    times = time_interleaved({"a": lambda: time.sleep(0.002), "b": lambda: None}, rounds=7)
+    assert set(times) == {"a", "b"}
+    assert times["a"].repeats == 7 and len(times["a"].samples) == 7
+    assert times["a"].q1 <= times["a"].median <= times["a"].q3 and times["a"].iqr >= 0
+    assert times["a"].median >= 0.002 > times["b"].median
+    ratio, spread = ratio_spread(times["a"], times["a"])
+    assert ratio == 1.0 and spread == 0.0
     with pytest.raises(ValueError, match="rounds"):
         time_interleaved({"a": lambda: None}, rounds=0)
+
+
+def test_timed_sweep_remeasures_a_point_that_breaks_a_monotone_curve():
+    """Point 2 is slow the first time only (a hiccup of the machine at point 1): the sweep sees the curve
+    fall from 1 to 2, times both again, and keeps the monotone values."""
+    planned = {1: [0.012, 0.002, 0.002], 2: [0.004, 0.004, 0.004], 3: [0.006, 0.006, 0.006]}
+
+    def calls_at(point):
+        return {"f": lambda: time.sleep(planned[point].pop(0))}
+
+    sweep = timed_sweep(calls_at, [1, 2, 3], rounds=1, warmup=0, retries=2)
+    medians = sweep.medians("f")
+    assert medians[0] < medians[1] < medians[2]
+    assert ("f", 1) in sweep.remeasured and ("f", 2) in sweep.remeasured and ("f", 3) not in sweep.remeasured
+    assert sweep.violations == []
+
+
+def test_timed_sweep_reports_a_fall_it_cannot_fix():
+    sweep = timed_sweep(lambda p: {"f": lambda: time.sleep(0.01 if p == 1 else 0.001)}, [1, 2], rounds=1,
+                        warmup=0, retries=1)
+    assert sweep.violations == [("f", 2)]
+    assert non_monotone([1.0, 2.0, 1.99, 1.0], tolerance=0.05) == [3]
+
+
+def test_fixed_threads_restores_the_count():
+    before = torch.get_num_threads()
+    with fixed_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        with fixed_threads(0):
+            pass
+
+
+def test_broken_results_file_is_named(tmp_path):
+    (tmp_path / "02_x.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"02_x\.json is not valid JSON"):
+        load_results(tmp_path)
