@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.model import Factory, GPTConfig
+from common.train import no_weight_decay
 
 
 def check_rank(rank: int, max_rank: int, name: str = "rank") -> None:
@@ -178,6 +179,7 @@ class LowRankMultiheadAttention(nn.Module):
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
             self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            no_weight_decay(self.bias_k, self.bias_v)  # bias vectors stored as (1, 1, E)
         else:
             self.bias_k = self.bias_v = None
         self._reset_parameters()

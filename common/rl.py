@@ -539,13 +539,15 @@ def tracking_metrics(summary: dict, data: Trajectories) -> dict:
             "return_at_max_target": summary["returns_mean"][-1]}
 
 
-def fit_agent(name: str, cfg: dict, data: Trajectories, checkpoint: Callable[[str], Path], seed: int,
+def fit_agent(name: str, cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int,
               device: torch.device | str, steps: int, progress: bool = True,
               episodes: np.ndarray | None = None, **overrides) -> tuple[DecisionTransformer, dict]:
     """Train the preset's model, with ``overrides`` of its ``DTConfig`` (``use_returns``, ``context``)."""
     config = DTConfig(**{**cfg["model"], **overrides})
-    return train_agent(data, config, train_config(cfg, steps, seed, device), cfg["batch_size"], episodes,
-                       checkpoint(name), description=name, progress=progress)
+    optimisation = train_config(cfg, steps, seed, device)
+    path = checkpoint(name, cfg, config, optimisation, None if episodes is None else np.asarray(episodes).tolist())
+    return train_agent(data, config, optimisation, cfg["batch_size"], episodes, path, description=name,
+                       progress=progress)
 
 
 def evaluation_seed(seed: int) -> int:
@@ -553,7 +555,7 @@ def evaluation_seed(seed: int) -> int:
     return 10_000 + 1000 * seed
 
 
-def context_ablation(cfg: dict, data: Trajectories, checkpoint: Callable[[str], Path], seed: int,
+def context_ablation(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int,
                      device: torch.device | str, main: tuple[dict, dict], progress: bool = True) -> dict[int, dict]:
     """DT with each context length of ``cfg["contexts"]``, same budget, same seeded episodes.
 
@@ -575,7 +577,7 @@ def context_ablation(cfg: dict, data: Trajectories, checkpoint: Callable[[str], 
     return results
 
 
-def run_experiment(cfg: dict, data: Trajectories, checkpoint: Callable[[str], Path], seed: int,
+def run_experiment(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int,
                    device: torch.device | str, progress: bool = True) -> dict:
     """What the notebook computes, in one call: DT over the targets, BC, %BC, the context ablation."""
     common = {"cfg": cfg, "data": data, "checkpoint": checkpoint, "seed": seed, "device": device,

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.model import GPT, FeedForward, GPTConfig
+from common.train import no_weight_decay
 
 # Parameters that set the dynamics (A and Δ): their own optimizer group (smaller lr, no decay).
 SSM_DYNAMICS_PARAMETERS = ("log_dt", "log_A_real", "A_imag", "A_log", "dt_bias")
@@ -105,6 +106,7 @@ class S4D(nn.Module):
         self.A_imag = nn.Parameter(math.pi * torch.arange(half).float().repeat(channels, 1))  # Im A = πn
         self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, half, dtype=torch.cfloat)))  # (H, N/2, 2)
         self.D = nn.Parameter(torch.ones(channels))
+        no_weight_decay(self.log_A_real, self.A_imag)  # the state matrix A: dynamics, not weights
 
     def discretise(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ZOH: ΔA (so Ā = exp(ΔA)), B̄ = (exp(ΔA) - 1) / A (B = 1), and C; each (H, N/2) complex."""
@@ -336,6 +338,7 @@ class Mamba(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^{-1}: softplus(b_Δ) = Δ_init
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1).float()).repeat(E, 1))  # A = -(1 … N), S4D-Real
         self.D = nn.Parameter(torch.ones(E))
+        no_weight_decay(self.A_log)  # the state matrix A: dynamics, not weights
         self.out_proj = nn.Linear(E, d_model, bias=False)
 
     def selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

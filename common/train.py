@@ -1,6 +1,6 @@
 """One training loop for every notebook.
 
-AdamW (no weight decay on biases, norms and embeddings), linear warm-up then cosine decay,
+AdamW (weight decay on every weight matrix, none on biases, norms and embeddings), linear warm-up then cosine decay,
 gradient clipping, periodic evaluation, tqdm progress, bf16 autocast on CUDA, checkpoints
 that resume bit-for-bit (model, optimizer, schedule, RNG states), and a clear stop on a
 non-finite loss.
@@ -42,7 +42,8 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     eval_every: int = 200  # 0: only at the end
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end (when a checkpoint path is given)
+    checkpoint_every: int = 0  # also save every this many steps (0: no step-based saves)
+    checkpoint_seconds: float = 120.0  # save when this much training time passed since the last save
     seed: int = 0
     device: str = "auto"
     bf16_on_cuda: bool = True
@@ -58,12 +59,13 @@ class TrainConfig:
             "eval_every": self.eval_every >= 0,
             "log_every": self.log_every >= 1,
             "checkpoint_every": self.checkpoint_every >= 0,
+            "checkpoint_seconds": self.checkpoint_seconds > 0,
         }
         allowed = {
             "steps": ">= 1", "lr": "> 0", "min_lr_ratio": "in [0, 1]",
             "warmup_steps": f"in [0, steps={self.steps}]", "weight_decay": ">= 0",
             "grad_clip": "> 0 or None", "eval_every": ">= 0", "log_every": ">= 1",
-            "checkpoint_every": ">= 0",
+            "checkpoint_every": ">= 0", "checkpoint_seconds": "> 0",
         }
         for name, ok in checks.items():
             if not ok:
@@ -79,9 +81,23 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def no_weight_decay(*params: nn.Parameter) -> None:
+    """Mark parameters that are matrices but not weights (position tables, SSM state matrices,
+    attention bias vectors stored as (1, 1, E)): ``make_optimizer`` does not decay them."""
+    for p in params:
+        p._no_weight_decay = True
+
+
+def decays(module: nn.Module, param: nn.Parameter) -> bool:
+    """Weight decay goes to every weight matrix (dim >= 2: linear layers, experts' stacked
+    matrices, factorised projections), not to biases, norms, embeddings or marked parameters."""
+    return (param.dim() >= 2 and not isinstance(module, nn.Embedding)
+            and not getattr(param, "_no_weight_decay", False))
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig,
                    param_groups: list[dict] | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms or embeddings).
+    """AdamW with weight decay on every weight matrix (see ``decays``).
 
     ``param_groups`` may hand some parameters their own settings (e.g. an SSM's A and Δ
     with a smaller lr and no decay); each group's ``lr_scale`` multiplies the schedule.
@@ -89,12 +105,11 @@ def make_optimizer(model: nn.Module, config: TrainConfig,
     claimed = {id(p) for g in (param_groups or []) for p in g["params"]}
     decay, no_decay = [], []
     for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
+        for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in claimed:
                 continue
             claimed.add(id(p))
-            is_matrix = p.dim() >= 2 and not isinstance(module, nn.Embedding)
-            (decay if is_matrix and name == "weight" else no_decay).append(p)
+            (decay if decays(module, p) else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
@@ -112,7 +127,8 @@ class TrainState:
     step: int = 0
     history: list[dict] = field(default_factory=list)  # one dict per log/eval point
     tokens_seen: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # all training time that produced this state, earlier sessions included
+    resumed_seconds: float = 0.0  # the part of it spent before the last resume (0: trained in one go)
 
     @property
     def last_eval(self) -> dict:
@@ -138,11 +154,29 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     os.replace(partial, path)
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """The payload of a checkpoint file, or an error that names the file and what to do."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated zip, empty file, not a checkpoint at all
+        raise RuntimeError(
+            f"cannot read the checkpoint {path} ({type(error).__name__}: {error}). It is probably cut short by an "
+            f"interrupted write or a full disk: delete it (or move it aside) and rerun, which retrains it."
+        ) from error
+    if not isinstance(payload, dict) or not {"model", "optimizer", "state", "config"} <= set(payload):
+        raise RuntimeError(f"{path} is not a training checkpoint of common.train (it lacks model/optimizer/state/"
+                           f"config); delete it or pass another checkpoint path")
+    return payload
+
+
+RESUMABLE_FIELDS = ("steps", "eval_every", "log_every", "checkpoint_every", "checkpoint_seconds", "device")
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, config: TrainConfig) -> TrainState:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {k: v for k, v in payload["config"].items() if k not in ("steps", "eval_every", "log_every",
-                                                                      "checkpoint_every", "device")}
+    payload = read_checkpoint(path)
+    saved = {k: v for k, v in payload["config"].items() if k not in RESUMABLE_FIELDS}
     ours = {k: v for k, v in asdict(config).items() if k in saved}
     saved["betas"] = tuple(saved["betas"])
     if saved != ours:
@@ -154,7 +188,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     torch.set_rng_state(payload["torch_rng"])
     if payload["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["cuda_rng"])
-    return TrainState(**payload["state"])
+    state = TrainState(**payload["state"])
+    state.resumed_seconds = state.train_seconds
+    return state
 
 
 def train(
@@ -174,8 +210,9 @@ def train(
     device here); ``loss_fn(model, batch)`` returns a scalar loss (default: ``lm_loss``).
     ``evaluate(model)`` returns a dict of metrics, run every ``eval_every`` steps and at
     the end (in eval mode, no grad). With ``checkpoint_path`` the run resumes from the
-    checkpoint if one exists, and saves every ``checkpoint_every`` steps and at the end;
-    a finished run is then loaded instead of retrained.
+    checkpoint if one exists, and saves every ``checkpoint_seconds`` of training (and every
+    ``checkpoint_every`` steps, if set) and at the end; a finished run is then loaded instead of
+    retrained. ``state.train_seconds`` counts the training time of every session that made it.
     """
     loss_fn = loss_fn or lm_loss
     device = pick_device(config.device)
@@ -191,6 +228,7 @@ def train(
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and config.bf16_on_cuda else nullcontext())
 
+    last_save = state.train_seconds
     bar = tqdm(total=config.steps, initial=state.step, desc=description, disable=not progress,
                mininterval=1.0, leave=False)
     while state.step < config.steps:
@@ -232,8 +270,11 @@ def train(
                                                              record["eval"].items() if isinstance(v, float)})
         if record:
             state.history.append(record)
-        if path is not None and (is_last or (config.checkpoint_every and state.step % config.checkpoint_every == 0)):
+        due = (is_last or state.train_seconds - last_save >= config.checkpoint_seconds
+               or (config.checkpoint_every and state.step % config.checkpoint_every == 0))
+        if path is not None and due:
             save_checkpoint(path, model, optimizer, state, generator, config)
+            last_save = state.train_seconds
     bar.close()
     model.eval()
     return state

@@ -18,6 +18,7 @@ from torch import nn
 
 from common.attention import CrossAttention, MultiHeadAttention
 from common.model import Block, FeedForward, GPTConfig
+from common.train import no_weight_decay
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ViTEncoder(nn.Module):
         side = config.image_size // config.patch_size
         if config.patch_positions == "learned":
             self.position_embedding = nn.Parameter(torch.randn(1, config.n_patches, config.d_model) * 0.02)
+            no_weight_decay(self.position_embedding)  # a table of positions, not a weight matrix
         else:
             positions = sincos_positions_2d(side, config.d_model)[None]  # (1, P, D)
             self.register_buffer("position_embedding", positions, persistent=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.model import GPT, GPTConfig
-from common.train import TrainConfig, evaluate_lm, lm_batches, lr_at, make_optimizer, train
+from common.train import TrainConfig, evaluate_lm, lm_batches, lr_at, make_optimizer, read_checkpoint, train
 
 IDS = torch.randint(0, 30, (4000,), generator=torch.Generator().manual_seed(0))
 
@@ -124,3 +124,38 @@ def test_evaluate_lm_matches_uniform_entropy_for_a_silent_model():
 def test_bad_train_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         config(**{field: value})
+
+
+def test_time_based_checkpoints_let_a_killed_run_resume(tmp_path):
+    """checkpoint_seconds tiny: every step saves, so a crash loses at most the step it was in."""
+    path = tmp_path / "run.pt"
+    with pytest.raises(Crash):
+        train(make_model(), crashing_after(5, lm_batches(IDS, 4, 16)), config(checkpoint_seconds=1e-9),
+              checkpoint_path=path, progress=False)
+    resumed = train(make_model(), lm_batches(IDS, 4, 16), config(checkpoint_seconds=1e-9),
+                    checkpoint_path=path, progress=False)
+    assert resumed.step == 12
+    assert 0 < resumed.resumed_seconds < resumed.train_seconds  # five steps came from the first session
+    full = train(make_model(), lm_batches(IDS, 4, 16), config(), progress=False)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_default_checkpoint_interval_is_periodic():
+    assert TrainConfig().checkpoint_seconds > 0
+    with pytest.raises(ValueError, match="checkpoint_seconds"):
+        TrainConfig(checkpoint_seconds=0)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"not a checkpoint"])
+def test_unreadable_checkpoint_names_the_file_and_the_fix(tmp_path, content):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(content)
+    with pytest.raises(RuntimeError, match=r"broken\.pt.*delete it"):
+        train(make_model(), lm_batches(IDS, 4, 16), config(), checkpoint_path=path, progress=False)
+
+
+def test_a_file_that_is_no_training_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(RuntimeError, match="not a training checkpoint"):
+        read_checkpoint(path)
