@@ -54,9 +54,11 @@ def write_json(path: str | Path, payload: dict) -> Path:
 
 
 class RunRecord:
-    """Started at the top of a notebook; ``save(metrics)`` writes ``results/<notebook>.json``.
+    """Started at the top of a notebook; ``save(metrics)`` writes ``<notebook>.json``.
 
-    ``wall_s`` is the time from creation to the save, i.e. the notebook's run time.
+    ``wall_s`` is the time from creation to the save: this execution of the notebook. Training
+    that earlier, interrupted executions did (and resumed from checkpoints) is not in it; the
+    notebook run adds it as ``train_s_earlier_sessions``.
     """
 
     def __init__(self, notebook: str, preset: str, seed: int, device: torch.device | str, folder: str | Path):
@@ -68,8 +70,12 @@ class RunRecord:
     def path(self) -> Path:
         return self.folder / f"{self.notebook}.json"
 
-    def save(self, metrics: dict) -> Path:
-        return write_json(self.path, {
+    def save(self, metrics: dict, folder: str | Path | None = None, extra: dict | None = None) -> Path:
+        """Write the record into ``folder`` (default: the results folder); returns its path."""
+        if not isinstance(metrics, dict) or not metrics:
+            raise ValueError(f"metrics must be a non-empty dict, got {type(metrics).__name__}")
+        path = (Path(folder) if folder is not None else self.folder) / f"{self.notebook}.json"
+        return write_json(path, {
             "notebook": self.notebook,
             "preset": self.preset,
             "seed": self.seed,
@@ -78,10 +84,21 @@ class RunRecord:
             "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
             "wall_s": round(time.perf_counter() - self.started, 1),
+            **(extra or {}),
             "metrics": metrics,
         })
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON file, or an error that names the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun the notebook that writes it, or restore "
+                         f"it with git checkout -- {path.name}") from error
+
+
 def load_results(folder: str | Path) -> dict[str, dict]:
     """All ``*.json`` results in ``folder``, keyed by notebook name."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
+    return {p.stem: read_json(p) for p in sorted(Path(folder).glob("*.json"))}
