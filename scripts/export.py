@@ -23,15 +23,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from run_notebooks import notebooks  # noqa: E402
+from notebook_files import ROOT, execution_problem, notebooks
 
 BUILD = ROOT / "build"
 EXECUTED = BUILD / "executed"
@@ -149,10 +145,17 @@ def printed_source_as_code(nb) -> None:
 
 # -- the three exports --------------------------------------------------------------------------
 
-def executed(selection: list[str] | None) -> list[Path]:
-    if not list(EXECUTED.glob("[0-9][0-9]_*.ipynb")):
-        raise SystemExit(f"no executed notebooks in {EXECUTED.relative_to(ROOT)}/: run `make run` first")
-    return notebooks(selection, EXECUTED)
+def executed(selection: list[str] | None, folder: Path = EXECUTED) -> list[Path]:
+    """The executed notebooks to export; refuses one that failed or never ran."""
+    if not list(folder.glob("[0-9][0-9]_*.ipynb")):
+        raise SystemExit(f"no executed notebooks in {folder}/: run `make run` first")
+    paths = notebooks(selection, folder)
+    problems = {p.name: execution_problem(p) for p in paths}
+    refused = [f"{name}: {problem}" for name, problem in problems.items() if problem]
+    if refused:
+        raise SystemExit("not exporting notebooks that did not run cleanly (rerun them with `make run NB=..`):\n  "
+                         + "\n  ".join(refused))
+    return paths
 
 
 def write(exporter, path: Path, out_dir: Path, prepare) -> Path:

@@ -1,0 +1,88 @@
+"""The scripts that run, export and tabulate notebooks refuse what must not be published."""
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import export  # noqa: E402
+import results_table  # noqa: E402
+import run_notebooks  # noqa: E402
+from notebook_files import execution_problem, notebooks  # noqa: E402
+
+
+def payload(preset="cpu", metrics=None):
+    return {"notebook": "99_x", "preset": preset, "device": "cpu", "wall_s": 60.0,
+            "metrics": metrics or {"ppl": 120.0}}
+
+
+def test_results_table_refuses_a_smoke_run():
+    with pytest.raises(SystemExit, match=r"99_x \(preset 'smoke'\)"):
+        results_table.render({"99_x": payload("smoke")})
+
+
+def test_results_table_shows_intervals():
+    text = results_table.render({"99_x": payload(metrics={
+        "ppl": {"mean": 120.0, "ci": [110.0, 130.0], "values": [1, 2]},
+        "acc": 0.9, "acc_ci": [0.85, 0.95],
+        "quality": {"dense": {"mean": 2.0, "ci": [1.9, 2.1]}, "moe": {"mean": 1.8, "ci": [1.7, 1.9]}},
+    })})
+    assert "`ppl`: 120 [110, 130]" in text
+    assert "`acc`: 0.9 [0.85, 0.95]" in text
+    assert "`quality`: dense 2 [1.9, 2.1], moe 1.8 [1.7, 1.9]" in text
+    assert "acc_ci" not in text
+
+
+def notebook_with(cells, path: Path, exception=False) -> Path:
+    nb = nbformat.v4.new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"}})
+    if exception:
+        nb.metadata["papermill"] = {"exception": True}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_execution_problem_spots_errors_and_unexecuted_notebooks(tmp_path):
+    good = nbformat.v4.new_code_cell("1 + 1", outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "2"},
+                                                                               execution_count=1)])
+    failed = nbformat.v4.new_code_cell("1 / 0", outputs=[nbformat.v4.new_output(
+        "error", ename="ZeroDivisionError", evalue="division by zero", traceback=[])])
+    assert execution_problem(notebook_with([good], tmp_path / "01_a.ipynb")) is None
+    assert "holds an error" in execution_problem(notebook_with([good, failed], tmp_path / "02_b.ipynb"))
+    assert "never executed" in execution_problem(notebook_with([nbformat.v4.new_code_cell("1")],
+                                                               tmp_path / "03_c.ipynb"))
+    assert "exception" in execution_problem(notebook_with([good], tmp_path / "04_d.ipynb", exception=True))
+    (tmp_path / "05_e.ipynb").write_text("{broken")
+    assert "cannot be read" in execution_problem(tmp_path / "05_e.ipynb")
+    with pytest.raises(SystemExit, match="02_b.ipynb: code cell 2 holds an error"):
+        export.executed(None, tmp_path)
+    assert export.executed(["01"], tmp_path) == [tmp_path / "01_a.ipynb"]
+
+
+def test_notebook_selection_names_what_is_unknown(tmp_path):
+    (tmp_path / "01_a.ipynb").write_text("{}")
+    assert notebooks(["1"], tmp_path) == [tmp_path / "01_a.ipynb"]
+    with pytest.raises(SystemExit, match=r"no notebook matches \['07'\]"):
+        notebooks(["07"], tmp_path)
+
+
+def test_a_failed_run_keeps_the_last_good_executed_notebook(tmp_path):
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    good = executed / "01_demo.ipynb"
+    good.write_text("the last good run")
+    source = notebook_with([nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
+                            nbformat.v4.new_code_cell("raise RuntimeError('late failure')")],
+                           tmp_path / "01_demo.ipynb")
+    with pytest.raises(Exception, match="late failure"):
+        run_notebooks.execute(source, smoke=True, out_dir=None, executed_dir=executed, extra={})
+    assert good.read_text() == "the last good run"
+    failed = json.loads((tmp_path / "failed" / "01_demo.ipynb").read_text())
+    assert failed["metadata"]["papermill"]["exception"]
+    assert not list(executed.glob(".*"))
