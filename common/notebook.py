@@ -11,9 +11,11 @@ run's outputs untouched.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import shutil
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,27 @@ def check_knob(name: str, value: object, kind: type | tuple[type, ...] | None = 
             raise ValueError(f"{name} must be in [{'-inf' if low is None else low}, "
                              f"{'inf' if high is None else high}], got {value!r}")
     return value
+
+
+def show_source(obj: object, first: str | None = None, last: str | None = None, max_lines: int = 25) -> str:
+    """The key lines of ``obj``'s source for a slide: from the first line containing ``first`` to the
+    next line containing ``last`` (both included; default: the whole source), dedented.
+
+    A cell of ``print(show_source(...))`` lines is shown as highlighted code in the slides. Refuses
+    more than ``max_lines`` lines, so no slide carries a wall of code.
+    """
+    lines = inspect.getsource(obj).splitlines()
+    start = 0 if first is None else next((i for i, line in enumerate(lines) if first in line), None)
+    if start is None:
+        raise ValueError(f"no line of {getattr(obj, '__qualname__', obj)} contains {first!r}")
+    stop = len(lines) - 1 if last is None else next((i for i in range(start, len(lines)) if last in lines[i]), None)
+    if stop is None:
+        raise ValueError(f"no line of {getattr(obj, '__qualname__', obj)} after {first!r} contains {last!r}")
+    chosen = lines[start:stop + 1]
+    if len(chosen) > max_lines:
+        raise ValueError(f"{len(chosen)} lines of {getattr(obj, '__qualname__', obj)} selected; at most "
+                         f"{max_lines} fit a slide: choose the key lines with first/last")
+    return textwrap.dedent("\n".join(chosen))
 
 
 @dataclass

@@ -123,15 +123,21 @@ def widgets_as_text(nb) -> None:
 
 
 def prints_source(source: str) -> bool:
-    """True for a cell made only of ``print(inspect.getsource(...))`` lines."""
+    """True for a cell made only of ``print(inspect.getsource(...))`` or ``print(show_source(...))`` lines."""
     try:
         body = ast.parse(source).body
     except SyntaxError:
         return False
+
+    def source_call(call: ast.expr) -> bool:
+        if not isinstance(call, ast.Call):
+            return False
+        name = getattr(call.func, "attr", None) or getattr(call.func, "id", "")
+        return name in ("getsource", "show_source")
+
     return bool(body) and all(
         isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) and getattr(s.value.func, "id", "") == "print"
-        and s.value.args and isinstance(s.value.args[0], ast.Call)
-        and getattr(s.value.args[0].func, "attr", "") == "getsource" for s in body)
+        and s.value.args and source_call(s.value.args[0]) for s in body)
 
 
 def printed_source_as_code(nb) -> None:

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from common.model import GPT, GPTConfig  # noqa: E402
-from common.notebook import check_knob, start_run  # noqa: E402
+from common.notebook import check_knob, show_source, start_run  # noqa: E402
 from common.runtime import PROJECT_ROOT, resolve_preset, run_paths  # noqa: E402
 from common.train import TrainConfig, lm_batches, train  # noqa: E402
 
@@ -148,3 +148,12 @@ def test_check_knob_accepts_what_is_allowed():
     assert check_knob("WINDOW", 128, int, [16, 128]) == 128
     assert check_knob("LOSS", 1, float, low=0, high=100) == 1
     assert check_knob("MODEL", None, str, allow_none=True) is None
+
+
+def test_show_source_picks_key_lines_and_refuses_walls_of_code():
+    text = show_source(check_knob, "if choices is not None", "raise ValueError")
+    assert text.splitlines()[0] == "if choices is not None:" and text.splitlines()[-1].lstrip().startswith("raise")
+    with pytest.raises(ValueError, match="at most 3 fit a slide"):
+        show_source(check_knob, max_lines=3)
+    with pytest.raises(ValueError, match="contains 'no such line'"):
+        show_source(check_knob, "no such line")

@@ -86,3 +86,8 @@ def test_a_failed_run_keeps_the_last_good_executed_notebook(tmp_path):
     failed = json.loads((tmp_path / "failed" / "01_demo.ipynb").read_text())
     assert failed["metadata"]["papermill"]["exception"]
     assert not list(executed.glob(".*"))
+
+
+def test_source_printing_cells_become_code_on_slides():
+    assert export.prints_source("print(inspect.getsource(f))\nprint(show_source(g, 'def', 'return'))")
+    assert not export.prints_source("print(show_source(f))\nx = 1")
