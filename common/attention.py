@@ -178,7 +178,8 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q (B, H, L, E), k, v (B, H, S, E) -> (B, H, L, E) and optional weights (B, H, L, S)."""
         fused_causal = self.causal and key_padding_mask is None and q.size(-2) == k.size(-2)
-        needs_mask = self.causal and not fused_causal
+        # one new query at the end of the keys (a cached decoding step) may look at every key
+        needs_mask = self.causal and not fused_causal and q.size(-2) > 1
         allowed = causal_mask(q.size(-2), k.size(-2), q.device) if needs_mask else None
         allowed = combine_masks(allowed, key_padding_mask)
         return scaled_dot_product(

@@ -36,6 +36,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     logits (B, V) -> (B, V). Top-p keeps the smallest set of most likely tokens whose
     probabilities sum to at least p (Holtzman et al. 2020); the most likely token always stays.
     """
+    check_sampling_args(1.0, top_k, top_p, allow_negative_temperature=False)
     if top_k is not None and top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -91,26 +92,43 @@ def generate(
     Sampling draws from ``generator`` (on the CPU), so a seed makes it repeatable.
     """
     check_sampling_args(temperature, top_k, top_p, allow_negative_temperature)
-    if prompt.dim() != 2 or prompt.size(1) < 1:
-        raise ValueError(f"prompt must be (batch, length >= 1) token ids, got shape {tuple(prompt.shape)}")
+    check_prompt(prompt, model.config.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     was_training = model.training
     model.eval()
-    context = model.config.context_length
-    tokens = prompt
-    cache = model.new_cache() if use_cache and prompt.size(1) < context else None
-    step_input = tokens
-    for _ in range(max_new_tokens):
-        if cache is not None and cache.length + step_input.size(1) <= context:
-            logits = model(step_input, cache=cache).logits[:, -1]
-        else:
-            cache = None
-            logits = model(tokens[:, -context:]).logits[:, -1]
-        next_token = sample_next(logits.cpu(), temperature, top_k, top_p, generator,
-                                 allow_negative_temperature).to(tokens.device)
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-        step_input = next_token[:, None]
-    model.train(was_training)
+    try:
+        context = model.config.context_length
+        tokens = prompt
+        cache = model.new_cache() if use_cache and prompt.size(1) < context else None
+        step_input = tokens
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.length + step_input.size(1) <= context:
+                logits = model(step_input, cache=cache, logits_to_keep=1).logits[:, -1]
+            else:
+                cache = None
+                logits = model(tokens[:, -context:], logits_to_keep=1).logits[:, -1]
+            next_token = sample_next(logits.cpu(), temperature, top_k, top_p, generator,
+                                     allow_negative_temperature).to(tokens.device)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            step_input = next_token[:, None]
+    finally:
+        model.train(was_training)
     return tokens
+
+
+def check_prompt(prompt: torch.Tensor, vocab_size: int) -> None:
+    """A prompt is (batch, length >= 1) integer token ids in [0, vocab_size)."""
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.size(1) < 1:
+        shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"prompt must be a (batch, length >= 1) tensor of token ids, got {shape}")
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+        raise ValueError(f"prompt must hold integer token ids (torch.long), got dtype {prompt.dtype}; "
+                         "encode text with the tokenizer first")
+    low, high = int(prompt.min()), int(prompt.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}) (the model's vocabulary), "
+                         f"got ids from {low} to {high}")
 
 
 # ---------------------------------------------------------------------------------------

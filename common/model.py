@@ -6,9 +6,12 @@ comparisons are fair.
 
 Shapes: B batch, L sequence length, D model width, V vocabulary.
 
-Auxiliary losses: a submodule that sets a tensor attribute ``aux_loss`` during its forward
-(the MoE load-balancing loss, say) has it summed into ``LMOutput.aux_loss``; the training
-loop adds it to the loss.
+Auxiliary losses: a submodule that has an attribute ``aux_loss`` (set to a tensor during its
+forward: the MoE load-balancing loss, say) has it summed into ``LMOutput.aux_loss``; the
+training loop adds it to the loss. Such submodules are found once, when the model is built.
+
+Logits: training needs them at every position; generation and scoring the next token only
+at the last ones (``logits_to_keep``), which saves the (B, L, V) output head.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ class GPT(nn.Module):
         if config.tie_weights:
             self.head.weight = self.token_embedding.weight  # Press & Wolf 2017
         self.apply(self._init_weights)
+        self.aux_loss_modules = aux_loss_modules(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -176,12 +180,18 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> LMOutput:
         """idx (B, L) token ids -> logits (B, L, V); with targets (B, L), the loss.
 
         With a ``cache``, ``idx`` holds only the new tokens and positions continue from
-        ``cache.length``. Targets equal to -100 are ignored.
+        ``cache.length``. Targets equal to -100 are ignored. ``logits_to_keep = k > 0``
+        computes the logits of the last k positions only, (B, k, V) (not with targets).
         """
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0: every position), got {logits_to_keep!r}")
+        if logits_to_keep and targets is not None:
+            raise ValueError("logits_to_keep > 0 computes only the last positions' logits; the loss needs them all")
         start = cache.length if cache is not None else 0
         length = idx.size(1)
         if start + length > self.config.context_length:
@@ -192,14 +202,23 @@ class GPT(nn.Module):
         positions = torch.arange(start, start + length, device=idx.device)
         h = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
         h = self.decoder(h, key_padding_mask=key_padding_mask, cache=cache)
-        logits = self.head(h)
+        logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return LMOutput(logits, loss, collect_aux_loss(self))
+        return LMOutput(logits, loss, collect_aux_loss(self.aux_loss_modules))
 
 
-def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum the ``aux_loss`` tensors that submodules set in the last forward pass."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+def aux_loss_modules(model: nn.Module) -> list[nn.Module]:
+    """The submodules that report an auxiliary loss (they have an ``aux_loss`` attribute).
+
+    ``GPT`` finds them once, when it is built (looking them up on every forward cost ~8 % of a
+    cached decoding step); after swapping submodules in place, set ``model.aux_loss_modules =
+    aux_loss_modules(model)`` again."""
+    return [m for m in model.modules() if m is not model and hasattr(m, "aux_loss")]
+
+
+def collect_aux_loss(modules: list[nn.Module]) -> torch.Tensor | None:
+    """Sum the ``aux_loss`` tensors that ``modules`` set in the last forward pass."""
+    losses = [m.aux_loss for m in modules if isinstance(m.aux_loss, torch.Tensor)]
     return torch.stack(losses).sum() if losses else None

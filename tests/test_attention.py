@@ -95,3 +95,41 @@ def test_bad_arguments_raise():
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(ValueError, match="backend"):
         scaled_dot_product(q, q, q, backend="nope")
+
+
+def test_a_cached_step_builds_no_mask_and_matches_the_full_forward(monkeypatch):
+    """One new query at the end of the keys may see every key: no causal mask is built for it."""
+    import common.attention as attention
+    from common.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, context_length=12, d_model=16, n_layers=2, n_heads=2, dropout=0.0)).eval()
+    x = torch.randint(0, 20, (2, 8))
+    cache = model.new_cache()
+    model(x[:, :7], cache=cache)
+    built = []
+    original = attention.causal_mask
+    monkeypatch.setattr(attention, "causal_mask", lambda *a, **k: built.append(a) or original(*a, **k))
+    step = model(x[:, 7:], cache=cache, logits_to_keep=1).logits
+    assert built == []
+    torch.testing.assert_close(step[:, -1], model(x).logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_aux_losses_are_found_once_and_summed():
+    from common.model import GPT, GPTConfig
+
+    class Penalised(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.aux_loss = None
+
+        def forward(self, x):
+            self.aux_loss = x.square().mean()
+            return x
+
+    config = GPTConfig(vocab_size=20, context_length=8, d_model=16, n_layers=2, n_heads=2, dropout=0.0)
+    model = GPT(config, feed_forward=lambda c, i: Penalised())
+    assert len(model.aux_loss_modules) == 2
+    out = model(torch.randint(0, 20, (1, 5)))
+    assert out.aux_loss is not None and out.aux_loss > 0
+    assert GPT(config).aux_loss_modules == [] and GPT(config)(torch.zeros(1, 3, dtype=torch.long)).aux_loss is None

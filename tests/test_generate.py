@@ -91,3 +91,53 @@ def test_continuation_nll_scores_only_the_continuation(model):
     torch.testing.assert_close(continuation_nll(model, seq, prompt_length=6), per_token[:, 5:].mean(1))
     with pytest.raises(ValueError, match="prompt_length"):
         continuation_nll(model, seq, prompt_length=10)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (torch.zeros(1, 3), "integer token ids"),
+    (torch.tensor([[1, 2, 30]]), r"in \[0, 30\).*from 1 to 30"),
+    (torch.tensor([[-1, 2]]), r"in \[0, 30\)"),
+    (torch.zeros(3, dtype=torch.long), r"\(batch, length >= 1\)"),
+])
+def test_bad_prompts_are_refused_with_what_is_allowed(model, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompt, 2)
+
+
+@pytest.mark.parametrize("count", [-3, 2.5, True])
+def test_bad_max_new_tokens_is_refused(model, count):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), count)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k")])
+def test_filter_logits_refuses_filters_that_keep_nothing(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        filter_logits(torch.randn(2, 10), **kwargs)
+
+
+def test_generation_restores_the_training_mode_when_it_fails(model):
+    model.train()
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("mid-generation failure")
+
+    model.forward, original = broken_forward, model.forward
+    try:
+        with pytest.raises(RuntimeError, match="mid-generation"):
+            generate(model, torch.zeros(1, 2, dtype=torch.long), 3)
+        assert model.training
+    finally:
+        model.forward = original
+        model.eval()
+
+
+def test_last_position_logits_equal_the_full_forward(model):
+    x = torch.randint(0, 30, (2, 9))
+    full = model(x).logits
+    assert torch.allclose(model(x, logits_to_keep=1).logits, full[:, -1:], atol=1e-6)
+    assert model(x, logits_to_keep=3).logits.shape == (2, 3, 30)
+    with pytest.raises(ValueError, match="loss needs them all"):
+        model(x, targets=x, logits_to_keep=1)
+    with pytest.raises(ValueError, match="logits_to_keep must be an integer"):
+        model(x, logits_to_keep=-1)

@@ -51,6 +51,10 @@ def test_gradients_reach_every_parameter():
 
 def test_aux_losses_of_submodules_are_summed():
     class LossyFFN(FeedForward):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.aux_loss = None  # declared when built, so GPT finds it once
+
         def forward(self, x):
             self.aux_loss = x.pow(2).mean()
             return super().forward(x)
