@@ -132,11 +132,13 @@ class S4D(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, L, H) -> y (B, L, H): y = K * u + D u with an FFT of size 2L (no wrap-around)."""
         length = u.size(1)
-        k = self.kernel(length)  # (H, L)
-        u_f = torch.fft.rfft(u.transpose(1, 2).float(), n=2 * length)  # (B, H, L+1)
-        k_f = torch.fft.rfft(k, n=2 * length)
+        k = self.kernel(length)  # (H, L), in the parameters' precision
+        # The FFT runs in float32 at least (no half-precision FFT on most devices), in float64 for a float64 input.
+        dtype = torch.promote_types(torch.promote_types(u.dtype, k.dtype), torch.float32)
+        u_f = torch.fft.rfft(u.transpose(1, 2).to(dtype), n=2 * length)  # (B, H, L+1)
+        k_f = torch.fft.rfft(k.to(dtype), n=2 * length)
         y = torch.fft.irfft(u_f * k_f, n=2 * length)[..., :length]  # causal linear convolution
-        return (y.transpose(1, 2) + u * self.D).to(u.dtype)
+        return (y.transpose(1, 2) + u.to(dtype) * self.D).to(u.dtype)
 
     def step(self, u: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One position: u (B, H), state (B, H, N/2) complex or None (zeros) -> y (B, H), new state."""
