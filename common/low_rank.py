@@ -351,12 +351,25 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cache=None,
                 need_weights: bool = False) -> torch.Tensor:
+        """``key_padding_mask`` (B, L): True marks a padding token (e.g. left padding)."""
         if cache is not None:
             raise NotImplementedError("CausalSelfAttention keeps no KV cache; call the model without cache")
-        length = x.size(1)
+        n, length = x.shape[:2]
         future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)  # True = blocked
-        y, _ = self.attention(x, x, x, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                              attn_mask=future, is_causal=True)
+        if key_padding_mask is None:  # the fused causal kernel
+            y, _ = self.attention(x, x, x, need_weights=need_weights, attn_mask=future, is_causal=True)
+            return self.resid_dropout(y)
+        if tuple(key_padding_mask.shape) != (n, length) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor of shape {(n, length)}, "
+                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        # Under left padding a padding query may look at nothing: PyTorch's fused eval kernel returns NaN
+        # for such a row and the NaN reaches every real position of the next layer. As the project's own
+        # attention does (common.attention.combine_masks), open such a row to every key: its output is
+        # garbage nobody reads, but finite. (B, L, S) -> (B·H, L, S), the layout attn_mask expects.
+        blocked = future | key_padding_mask[:, None, :]
+        blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
+        blocked = blocked.repeat_interleave(self.attention.num_heads, dim=0)
+        y, _ = self.attention(x, x, x, need_weights=need_weights, attn_mask=blocked)
         return self.resid_dropout(y)
 
 

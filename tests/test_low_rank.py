@@ -238,3 +238,32 @@ def test_gpt_with_low_rank_attention_is_causal_and_trains():
     assert low.decoder.blocks[0].attention.attention.q_proj.w1.grad.abs().sum() > 0
     with pytest.raises(NotImplementedError, match="cache"):
         low(idx[:, :1], cache=low.new_cache())
+
+
+@pytest.mark.parametrize("factory", [dict(dense=True), dict(rank=4), dict()], ids=["dense", "rank4", "full"])
+def test_gpt_left_padded_batch_stays_finite_in_every_mode(factory):
+    """A left-padded row has query rows that may look at nothing (a padding query under the causal
+    mask); PyTorch's fused eval path returns NaN there, which then spreads to the real positions."""
+    config = GPTConfig(vocab_size=50, context_length=12, d_model=16, n_layers=2, n_heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(config, attention=gpt_attention(**factory))
+    idx = torch.randint(0, 50, (3, 8))
+    padding = torch.zeros(3, 8, dtype=torch.bool)
+    padding[0, :3] = True  # left padding
+    padding[1, :1] = True
+    real = ~padding
+    outputs = []
+    for train, grad in [(True, True), (False, True), (False, False)]:  # the last: eval + no_grad fast path
+        model.train(train)
+        with torch.set_grad_enabled(grad):
+            logits = model(idx, key_padding_mask=padding).logits
+        assert torch.isfinite(logits).all(), f"non-finite logits (train={train}, grad={grad})"
+        outputs.append(logits.detach())
+    for other in outputs[1:]:  # every path gives the real positions the same logits
+        torch.testing.assert_close(other[real], outputs[0][real], atol=1e-5, rtol=1e-4)
+    # the real positions do not depend on the padding tokens
+    changed = idx.clone()
+    changed[padding] = (changed[padding] + 7) % 50
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed, key_padding_mask=padding).logits[real], outputs[-1][real],
+                                   atol=1e-5, rtol=1e-4)
