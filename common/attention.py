@@ -53,6 +53,13 @@ def combine_masks(
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+def check_padding_mask(key_padding_mask: torch.Tensor | None, batch: int, keys: int) -> None:
+    """A padding mask is (B, S): one flag per key of each sequence (cached keys included)."""
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, keys):
+        raise ValueError(f"key_padding_mask must have shape (batch, keys) = ({batch}, {keys}) (True marks a "
+                         f"padding key), got {tuple(key_padding_mask.shape)}")
+
+
 def scaled_dot_product(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -207,6 +214,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.project(x)
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
+        check_padding_mask(key_padding_mask, q.size(0), k.size(-2))
         y, weights = self.attend(q, k, v, key_padding_mask, need_weights)
         self.last_weights = weights
         return self.resid_dropout(self.out(self.merge_heads(y)))
@@ -235,6 +243,7 @@ class CrossAttention(MultiHeadAttention):
         """x (B, L, D), memory (B, S, D_memory) -> (B, L, D); weights (B, H, L, S) if asked."""
         q = self.split_heads(self.q_proj(x))
         k, v = (self.split_heads(t) for t in self.kv_proj(memory).chunk(2, dim=-1))
+        check_padding_mask(memory_padding_mask, q.size(0), k.size(-2))
         y, weights = self.attend(q, k, v, memory_padding_mask, need_weights)
         self.last_weights = weights
         return self.resid_dropout(self.out(self.merge_heads(y)))

@@ -133,3 +133,10 @@ def test_aux_losses_are_found_once_and_summed():
     out = model(torch.randint(0, 20, (1, 5)))
     assert out.aux_loss is not None and out.aux_loss > 0
     assert GPT(config).aux_loss_modules == [] and GPT(config)(torch.zeros(1, 3, dtype=torch.long)).aux_loss is None
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (3, 6), (3, 6, 1)])
+def test_a_padding_mask_of_the_wrong_shape_is_refused(shape):
+    layer = MultiHeadAttention(16, 2)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, keys\) = \(3, 5\)"):
+        layer(torch.randn(3, 5, 16), key_padding_mask=torch.zeros(shape, dtype=torch.bool))

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from common import bench  # noqa: E402
 from common.bench import (  # noqa: E402
     count_flops,
     fixed_threads,
@@ -53,9 +54,12 @@ def test_results_are_written_atomically_and_completely(tmp_path):
     assert {"notebook", "preset", "seed", "device", "torch", "wall_s"} <= set(payload)
     assert list(tmp_path.iterdir()) == [tmp_path / "00_test.json"]  # no temporary left behind
     assert load_results(tmp_path)["00_test"]["preset"] == "smoke"
+    # a write that fails half-way (the second key cannot be serialised) leaves the old file whole
+    before = (tmp_path / "00_test.json").read_text()
     with pytest.raises(TypeError):
-        write_json(tmp_path / "bad.json", {"x": object()})
-    assert not list(tmp_path.glob("*.part"))
+        write_json(tmp_path / "00_test.json", {"metrics": {"ppl": 1.0}, "broken": object()})
+    assert (tmp_path / "00_test.json").read_text() == before
+    assert list(tmp_path.iterdir()) == [tmp_path / "00_test.json"]
 
 
 def test_save_figure_and_presets(tmp_path):
@@ -89,23 +93,39 @@ def test_time_interleaved_gives_a_timing_with_spread_per_call():
         time_interleaved({"a": lambda: None}, rounds=0)
 
 
-def test_timed_sweep_remeasures_a_point_that_breaks_a_monotone_curve():
-    """Point 2 is slow the first time only (a hiccup of the machine at point 1): the sweep sees the curve
-    fall from 1 to 2, times both again, and keeps the monotone values."""
+class FakeClock:
+    """Stands in for time.perf_counter: a call 'takes' exactly the seconds it adds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_timed_sweep_remeasures_a_point_that_breaks_a_monotone_curve(monkeypatch):
+    """Point 1 is slow the first time only (a hiccup of the machine): the sweep sees the curve fall from
+    1 to 2, times both points again, and keeps the monotone values."""
+    clock = FakeClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
     planned = {1: [0.012, 0.002, 0.002], 2: [0.004, 0.004, 0.004], 3: [0.006, 0.006, 0.006]}
 
     def calls_at(point):
-        return {"f": lambda: time.sleep(planned[point].pop(0))}
+        return {"f": lambda: clock.spend(planned[point].pop(0))}
 
     sweep = timed_sweep(calls_at, [1, 2, 3], rounds=1, warmup=0, retries=2)
-    medians = sweep.medians("f")
-    assert medians[0] < medians[1] < medians[2]
+    assert sweep.medians("f") == pytest.approx([0.002, 0.004, 0.006])
     assert ("f", 1) in sweep.remeasured and ("f", 2) in sweep.remeasured and ("f", 3) not in sweep.remeasured
     assert sweep.violations == []
 
 
-def test_timed_sweep_reports_a_fall_it_cannot_fix():
-    sweep = timed_sweep(lambda p: {"f": lambda: time.sleep(0.01 if p == 1 else 0.001)}, [1, 2], rounds=1,
+def test_timed_sweep_reports_a_fall_it_cannot_fix(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    sweep = timed_sweep(lambda p: {"f": lambda: clock.spend(0.01 if p == 1 else 0.001)}, [1, 2], rounds=1,
                         warmup=0, retries=1)
     assert sweep.violations == [("f", 2)]
     assert non_monotone([1.0, 2.0, 1.99, 1.0], tolerance=0.05) == [3]
