@@ -91,3 +91,13 @@ def test_a_failed_run_keeps_the_last_good_executed_notebook(tmp_path):
 def test_source_printing_cells_become_code_on_slides():
     assert export.prints_source("print(inspect.getsource(f))\nprint(show_source(g, 'def', 'return'))")
     assert not export.prints_source("print(show_source(f))\nx = 1")
+
+
+def test_results_table_shows_findings_and_count_levels_first():
+    text = results_table.render({"99_x": payload(metrics={
+        "finding": "dense and r8 differ by 2 [1, 3] ppl",
+        **{f"m{i}": float(i) for i in range(12)},
+        "reference_levels": {"bigram": 186.0, "trigram": 148.0},
+    })})
+    assert "- **99_x**: dense and r8 differ by 2 [1, 3] ppl" in text
+    assert "`reference_levels`: count bigram 186, trigram 148<br>`m0`" in text
