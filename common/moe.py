@@ -18,6 +18,24 @@ The forward pass in four steps, each a method so it can be shown and timed on it
    dropped token gets zero from the layer, so the block's residual connection carries it
    through unchanged.
 
+Two layouts of the expert inputs (``MoEConfig.layout``): ``"padded"``, the fixed-shape
+(E, C, D) buffer that accelerators want (empty slots are computed too: the FLOPs of
+``capacity_factor`` x the tokens), and ``"grouped"``, the kept assignments sorted expert
+by expert into an (M, D) matrix and one matmul per expert on its rows (no padding: the
+FLOPs of the tokens actually served). Both drop the same assignments and give the same output.
+
+Two routers (``MoEConfig.router``): ``"learned"`` (a linear layer, softmax, top-k) and
+``"hash"`` (Roller et al. 2021, Hash Layers): a fixed table sends each input token id to one
+expert, whatever its context; the control that tells what learning the routing adds. A
+hash-routed model reads the token ids through a hook: build it with ``moe_gpt``.
+
+Gates (``MoEConfig.gate``) for top-1: ``"probability"`` is the Switch gate g = p_i, which is
+a little above 1/E at initialisation (the router's logits are small), so the MoE branch of
+the residual stream starts about E times smaller than a dense FFN's; ``"straight-through"``
+is g = 1 + p_i - sg(p_i) (sg: stop-gradient): its forward value is exactly 1, so the branch
+has the dense FFN's scale, and the router gets the same gradient as with g = p_i. For
+top-k > 1 both use the gates renormalised over the k chosen experts (they sum to 1).
+
 Balancing: the Switch loss ``N_E * sum_i f_i P_i`` (f_i: share of the N*K assignments
 that chose expert i, P_i: mean router probability of expert i; 1 when uniform) and the
 optional ST-MoE router z-loss ``mean_n (logsumexp_i z_ni)^2``, weighted and summed into
@@ -26,7 +44,8 @@ the module attribute ``aux_loss``, which ``common.model.GPT`` adds to ``LMOutput
 Where it departs from the papers: f_i counts all K choices and divides by N*K (so the
 loss is 1 at perfect balance for every K; Mixtral's version grows with K); during
 evaluation the capacity is by default large enough that no token is dropped (dropping
-depends on the other tokens of the batch, which a causal model should not see).
+depends on the other tokens of the batch, which a causal model should not see); the
+straight-through top-1 gate (an option, above).
 """
 
 from __future__ import annotations
@@ -35,7 +54,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,6 +63,12 @@ from torch import nn
 
 from common.bench import synchronize, time_interleaved
 from common.data import eval_windows
+from common.model import GPT, GPTConfig
+from common.train import no_weight_decay
+
+ROUTERS = ("learned", "hash")
+GATES = ("probability", "straight-through")
+LAYOUTS = ("grouped", "padded")
 
 
 @dataclass
@@ -56,6 +81,10 @@ class MoEConfig:
     eval_capacity_factor: float | None = None  # None: no token is dropped in evaluation
     aux_loss_weight: float = 1e-2  # Switch load-balancing loss coefficient (alpha)
     z_loss_weight: float = 0.0  # ST-MoE router z-loss coefficient (1e-3 in the paper)
+    router: str = "learned"  # "learned" | "hash" (a fixed token-id -> expert table; no balancing losses)
+    gate: str = "straight-through"  # top-1 gate: "probability" (Switch, g = p_i) | "straight-through" (value 1)
+    layout: str = "grouped"  # expert inputs: "grouped" (no padding) | "padded" (fixed (E, C, D) buffer)
+    hash_seed: int = 0  # seed of the hash tables (router="hash")
 
     def __post_init__(self):
         if not isinstance(self.n_experts, int) or self.n_experts < 1:
@@ -70,6 +99,14 @@ class MoEConfig:
         for name in ("aux_loss_weight", "z_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name, allowed in (("router", ROUTERS), ("gate", GATES), ("layout", LAYOUTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.router == "hash" and self.top_k != 1:
+            raise ValueError(f"MoEConfig.top_k must be 1 with router='hash' (a table gives one expert), "
+                             f"got {self.top_k}")
+        if not isinstance(self.hash_seed, int) or self.hash_seed < 0:
+            raise ValueError(f"MoEConfig.hash_seed must be an integer >= 0, got {self.hash_seed!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,10 +114,10 @@ class MoEConfig:
 
 @dataclass
 class Routing:
-    """The router's decision for N tokens."""
+    """The router's decision for N tokens (a hash router has no logits or probabilities)."""
 
-    logits: torch.Tensor  # (N, E) fp32
-    probs: torch.Tensor  # (N, E) fp32, softmax of the logits
+    logits: torch.Tensor | None  # (N, E) fp32
+    probs: torch.Tensor | None  # (N, E) fp32, softmax of the logits
     experts: torch.Tensor  # (N, K) long, chosen experts, best first
     gates: torch.Tensor  # (N, K) fp32, weights of the chosen experts' outputs
 
@@ -89,46 +126,70 @@ class Routing:
 class Dispatch:
     """Where each of the K*N assignments (choice-major: a = j * N + n) went."""
 
-    buffer: torch.Tensor  # (E, C, D) expert inputs; empty slots are zero
-    slot: torch.Tensor  # (K*N,) row of the flattened buffer, E*C for a dropped assignment
+    buffer: torch.Tensor  # padded: (E, C, D), empty slots zero; grouped: (M, D) kept rows, expert by expert
+    slot: torch.Tensor  # (K*N,) row of the flattened buffer; its number of rows for a dropped assignment
     kept: torch.Tensor  # (K*N,) bool
+    sizes: list[int] | None = None  # grouped: rows of each expert in the buffer
 
 
 class MoEFeedForward(nn.Module):
     """Top-k mixture of E FFN experts: (B, L, D) -> (B, L, D).
 
     Each expert is ``W_2 GELU(W_1 x + b_1) + b_2`` with hidden width ``d_ff``, like
-    ``common.model.FeedForward``; the E experts' weights are stacked so one batched matmul
-    runs them all. After a forward pass the module holds ``aux_loss`` (the weighted
-    balancing losses, a scalar tensor) and ``stats`` (detached routing statistics of that
-    pass: ``load`` (E,) share of assignments per expert before capacity, ``dropped``
-    share of assignments over capacity, ``balance_loss``, ``z_loss``, ``experts`` (N, K)).
+    ``common.model.FeedForward``; the E experts' weights are stacked in (E, D, F) and (E, F, D)
+    tensors, which the optimizer decays like the dense FFN's matrices; the stacked biases (E, F)
+    and (E, D) are marked ``no_weight_decay``, like the dense FFN's biases. After a forward
+    pass the module holds ``aux_loss`` (the weighted balancing losses, a scalar tensor) and
+    ``stats`` (detached routing statistics of that pass: ``load`` (E,) share of assignments per
+    expert before capacity, ``dropped`` share of assignments over capacity, ``balance_loss``,
+    ``z_loss``, ``top_probability`` (mean router probability of the first choice), ``experts`` (N, K)).
+
+    ``vocab_size`` is needed only by a hash router (its table has one entry per token id).
     """
 
-    def __init__(self, d_model: int, d_ff: int, config: MoEConfig, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, d_model: int, d_ff: int, config: MoEConfig, dropout: float = 0.0, bias: bool = True,
+                 vocab_size: int | None = None):
         super().__init__()
         self.config = config
         e = config.n_experts
-        self.router = nn.Linear(d_model, e, bias=False)
+        self.router = nn.Linear(d_model, e, bias=False) if config.router == "learned" else None
+        if config.router == "hash":
+            if not isinstance(vocab_size, int) or vocab_size < 1:
+                raise ValueError(f"a hash router needs vocab_size (a positive integer), got {vocab_size!r}")
+            self.register_buffer("hash_table", torch.arange(vocab_size) % e)  # set by moe_gpt
+        self.token_ids: torch.Tensor | None = None  # (B, L) ids of the current input (hash router)
         self.w_up = nn.Parameter(torch.empty(e, d_model, d_ff))
         self.w_down = nn.Parameter(torch.empty(e, d_ff, d_model))
         self.b_up = nn.Parameter(torch.zeros(e, d_ff)) if bias else None
         self.b_down = nn.Parameter(torch.zeros(e, d_model)) if bias else None
+        no_weight_decay(*(b for b in (self.b_up, self.b_down) if b is not None))  # stacked biases: (E, F) but biases
         self.dropout = nn.Dropout(dropout)
-        for weight in (self.router.weight, self.w_up, self.w_down):
+        for weight in (self.w_up, self.w_down, *([self.router.weight] if self.router is not None else [])):
             nn.init.normal_(weight, mean=0.0, std=0.02)  # as GPT initialises its Linear layers
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict = {}
 
     def route(self, x: torch.Tensor) -> Routing:
         """x (N, D) -> the routing of each token, computed in fp32 even under autocast."""
+        if self.router is None:
+            return self.hash_route(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())  # z = W_r x, (N, E)
         probs = logits.softmax(dim=-1)  # p_i(x) = exp(z_i) / sum_j exp(z_j)
         gates, experts = probs.topk(self.config.top_k, dim=-1)  # (N, K)
         if self.config.top_k > 1:
             gates = gates / gates.sum(dim=-1, keepdim=True)  # renormalise over the chosen K (GShard, Mixtral)
-        return Routing(logits, probs, experts, gates)  # K = 1 keeps the raw p_i: the router's gradient (Switch)
+        elif self.config.gate == "straight-through":
+            gates = 1.0 + gates - gates.detach()  # value 1 (the dense FFN's scale), gradient of p_i
+        return Routing(logits, probs, experts, gates)  # "probability": g = p_i, the Switch gate
+
+    def hash_route(self, x: torch.Tensor) -> Routing:
+        """The expert of each token is ``hash_table[token id]``, gate 1."""
+        if self.token_ids is None or self.token_ids.numel() != x.size(0):
+            raise RuntimeError("a hash router needs the token ids of its input: build the model with moe_gpt(...), "
+                               "whose hook hands each layer the ids before the forward pass")
+        experts = self.hash_table[self.token_ids.reshape(-1).to(self.hash_table.device)].unsqueeze(-1)  # (N, 1)
+        return Routing(None, None, experts, x.new_ones(x.size(0), 1, dtype=torch.float32))
 
     def capacity(self, n_tokens: int, experts: torch.Tensor) -> int:
         """Slots per expert: ceil(factor * K * N / E); without a factor, the busiest expert's load."""
@@ -138,7 +199,8 @@ class MoEFeedForward(nn.Module):
         return max(1, math.ceil(factor * self.config.top_k * n_tokens / self.config.n_experts))
 
     def dispatch(self, x: torch.Tensor, experts: torch.Tensor, capacity: int) -> Dispatch:
-        """x (N, D), experts (N, K) -> the (E, C, D) buffer of expert inputs (sort-based, no loop)."""
+        """x (N, D), experts (N, K) -> the expert inputs (sort-based, no loop): an (E, C, D) buffer
+        (``layout="padded"``) or the (M, D) kept rows sorted by expert (``"grouped"``)."""
         n, d = x.shape
         e = self.config.n_experts
         choice = experts.t().reshape(-1)  # (K*N,) choice-major: first choices take the first slots
@@ -148,28 +210,46 @@ class MoEFeedForward(nn.Module):
         position = torch.empty_like(choice)
         position[order] = torch.arange(choice.numel(), device=x.device) - starts[choice[order]]
         kept = position < capacity
-        slot = torch.where(kept, choice * capacity + position, e * capacity)  # E*C: the discard row
         token = torch.arange(n, device=x.device).repeat(self.config.top_k)  # (K*N,)
-        buffer = x.new_zeros(e * capacity + 1, d).index_copy(0, slot, x[token])
-        return Dispatch(buffer[:-1].view(e, capacity, d), slot, kept)
+        if self.config.layout == "padded":
+            slot = torch.where(kept, choice * capacity + position, e * capacity)  # E*C: the discard row
+            buffer = x.new_zeros(e * capacity + 1, d).index_copy(0, slot, x[token])
+            return Dispatch(buffer[:-1].view(e, capacity, d), slot, kept)
+        served = order[kept[order]]  # the kept assignments, expert by expert
+        slot = torch.full_like(choice, served.numel())  # M: the discard row
+        slot[served] = torch.arange(served.numel(), device=x.device)
+        return Dispatch(x[token[served]], slot, kept, counts.clamp(max=capacity).tolist())
 
-    def experts(self, h: torch.Tensor) -> torch.Tensor:
-        """All experts at once: (E, C, D) -> (E, C, D), expert_i(x) = W_2,i GELU(W_1,i x + b_1,i) + b_2,i."""
-        h = torch.bmm(h, self.w_up) if self.b_up is None else torch.baddbmm(self.b_up[:, None], h, self.w_up)
-        h = F.gelu(h)
-        return torch.bmm(h, self.w_down) if self.b_down is None else torch.baddbmm(self.b_down[:, None], h, self.w_down)
+    def experts(self, h: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """expert_i(x) = W_2,i GELU(W_1,i x + b_1,i) + b_2,i on each expert's rows: (E, C, D) -> (E, C, D)
+        with two batched matmuls, or (M, D) -> (M, D) with one matmul per expert on ``sizes`` rows."""
+        if sizes is None:
+            h = torch.bmm(h, self.w_up) if self.b_up is None else torch.baddbmm(self.b_up[:, None], h, self.w_up)
+            h = F.gelu(h)
+            return (torch.bmm(h, self.w_down) if self.b_down is None
+                    else torch.baddbmm(self.b_down[:, None], h, self.w_down))
+        outputs = []
+        for i, rows in enumerate(h.split(list(sizes))):
+            z = rows @ self.w_up[i] if self.b_up is None else torch.addmm(self.b_up[i], rows, self.w_up[i])
+            z = F.gelu(z)
+            outputs.append(z @ self.w_down[i] if self.b_down is None
+                           else torch.addmm(self.b_down[i], z, self.w_down[i]))
+        return torch.cat(outputs)
 
     def combine(self, y: torch.Tensor, dispatch: Dispatch, gates: torch.Tensor) -> torch.Tensor:
-        """Expert outputs (E, C, D) -> (N, D): y(x) = sum_{i in top-k} g_i(x) expert_i(x); dropped -> 0."""
+        """Expert outputs -> (N, D): y(x) = sum_{i in top-k} g_i(x) expert_i(x); dropped -> 0."""
         k, n = gates.shape[1], gates.shape[0]
-        rows = torch.cat([y.flatten(0, 1), y.new_zeros(1, y.size(-1))])  # the discard row reads as zero
+        rows = torch.cat([y.reshape(-1, y.size(-1)), y.new_zeros(1, y.size(-1))])  # the discard row reads as zero
         picked = rows[dispatch.slot].view(k, n, -1)  # (K, N, D)
         return (picked * gates.t().unsqueeze(-1).to(y.dtype)).sum(dim=0)
 
     def balance_losses(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Switch load-balancing loss, ST-MoE z-loss (scalars) and the load f (E,)."""
+        """Switch load-balancing loss, ST-MoE z-loss (scalars; 0 for a hash router) and the load f (E,)."""
         e = self.config.n_experts
         f = torch.bincount(routing.experts.flatten(), minlength=e).float() / routing.experts.numel()
+        if routing.probs is None:
+            zero = routing.gates.new_zeros(())
+            return zero, zero, f
         p = routing.probs.mean(dim=0)  # P_i = (1/N) sum_n p_i(x_n)
         balance = e * torch.sum(f * p)  # L_aux = N_E * sum_i f_i P_i (f carries no gradient)
         z_loss = torch.logsumexp(routing.logits, dim=-1).square().mean()  # L_z = (1/N) sum_n (log sum_i e^{z_ni})^2
@@ -187,15 +267,17 @@ class MoEFeedForward(nn.Module):
         capacity = self.capacity(x.size(0), routing.experts)
         dispatch = self.dispatch(x, routing.experts, capacity)
         mark("dispatch")
-        h = self.experts(dispatch.buffer)
+        h = self.experts(dispatch.buffer, dispatch.sizes)
         mark("experts")
         y = self.combine(h, dispatch, routing.gates)
         mark("combine")
         balance, z_loss, load = self.balance_losses(routing)
         self.aux_loss = self.config.aux_loss_weight * balance + self.config.z_loss_weight * z_loss
         mark("balancing losses")
+        top = (routing.probs.max(dim=-1).values.mean().detach() if routing.probs is not None
+               else routing.gates.new_ones(()))
         self.stats = {"load": load, "dropped": 1.0 - dispatch.kept.float().mean(), "capacity": capacity,
-                      "balance_loss": balance.detach(), "z_loss": z_loss.detach(),
+                      "balance_loss": balance.detach(), "z_loss": z_loss.detach(), "top_probability": top,
                       "experts": routing.experts.detach()}
         out = self.dropout(y).view(shape)
         mark("statistics, dropout, reshape")
@@ -237,8 +319,57 @@ def forward_step_times(layer: MoEFeedForward, x: torch.Tensor, rounds: int = 20,
 def moe_feed_forward(config: MoEConfig):
     """A ``feed_forward`` factory for ``GPT``: each block gets its own ``MoEFeedForward``."""
     def factory(gpt_config, layer_index: int) -> MoEFeedForward:
-        return MoEFeedForward(gpt_config.d_model, gpt_config.d_ff, config, gpt_config.dropout, gpt_config.bias)
+        return MoEFeedForward(gpt_config.d_model, gpt_config.d_ff, config, gpt_config.dropout, gpt_config.bias,
+                              vocab_size=gpt_config.vocab_size)
     return factory
+
+
+def balanced_hash(token_counts: Sequence[float] | torch.Tensor, n_experts: int, seed: int = 0) -> torch.Tensor:
+    """A fixed, random token id -> expert table (V,) whose load is even on text with these counts.
+
+    Token ids go most frequent first (ties in random order), each to an expert drawn at random
+    among those it does not push above the mean load (the least-loaded one when none has room),
+    so the table knows nothing of context or meaning, only how often each token occurs.
+    """
+    counts = torch.as_tensor(token_counts, dtype=torch.float64).flatten()
+    if counts.numel() < 1 or bool((counts < 0).any()):
+        raise ValueError("token_counts must be a non-empty sequence of counts >= 0")
+    if not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be an integer >= 1, got {n_experts!r}")
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(counts.numel(), generator=generator)
+    order = shuffled[torch.argsort(counts[shuffled], descending=True, stable=True)]
+    target = counts.sum() / n_experts
+    load = torch.zeros(n_experts, dtype=torch.float64)
+    table = torch.empty(counts.numel(), dtype=torch.long)
+    for token in order.tolist():
+        room = torch.nonzero(load + counts[token] <= target).flatten()
+        expert = (int(room[torch.randint(room.numel(), (1,), generator=generator)]) if room.numel()
+                  else int(load.argmin()))
+        table[token] = expert
+        load[expert] += counts[token]
+    return table
+
+
+def _hand_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a hash-routed GPT: each MoE layer gets the input token ids."""
+    ids = args[0] if args else kwargs["idx"]
+    for layer in moe_layers(model):
+        layer.token_ids = ids
+
+
+def moe_gpt(config: GPTConfig, moe: MoEConfig, token_counts: Sequence[float] | torch.Tensor | None = None) -> GPT:
+    """A ``GPT`` whose every FFN is a ``MoEFeedForward``. With ``router="hash"`` each layer gets its own
+    ``balanced_hash`` table (seeded by ``hash_seed`` and the layer), balanced on ``token_counts``
+    (each token id's count in the training split), and a hook hands the layers the token ids."""
+    model = GPT(config, feed_forward=moe_feed_forward(moe))
+    if moe.router == "hash":
+        if token_counts is None or len(token_counts) != config.vocab_size:
+            raise ValueError(f"router='hash' needs token_counts: one count per token id ({config.vocab_size})")
+        for index, layer in enumerate(moe_layers(model)):
+            layer.hash_table.copy_(balanced_hash(token_counts, moe.n_experts, seed=1000 * moe.hash_seed + index))
+        model.register_forward_pre_hook(_hand_token_ids, with_kwargs=True)
+    return model
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
@@ -262,6 +393,11 @@ class RoutingRecord:
     def max_min_ratio(self) -> torch.Tensor:
         """(layers,) busiest / idlest expert load (inf when an expert gets nothing)."""
         return self.counts.max(dim=-1).values / self.counts.min(dim=-1).values
+
+    def cv(self) -> torch.Tensor:
+        """(layers,) coefficient of variation of the load: std / mean over experts (0: even)."""
+        counts = self.counts.double()
+        return counts.std(dim=-1, unbiased=False) / counts.mean(dim=-1)
 
 
 @torch.no_grad()

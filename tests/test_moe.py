@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from common.model import GPT, FeedForward, GPTConfig
-from common.moe import MoEConfig, MoEFeedForward, forward_step_times, moe_feed_forward, moe_layers, record_routing
+from common.moe import (
+    MoEConfig,
+    MoEFeedForward,
+    balanced_hash,
+    forward_step_times,
+    moe_feed_forward,
+    moe_gpt,
+    moe_layers,
+    record_routing,
+)
 from common.train import lm_loss
 
 
@@ -189,3 +198,135 @@ def test_forward_step_times_covers_steps_whole_and_references():
     assert all(t > 0 for t in times.values())
     with pytest.raises(ValueError, match="rounds"):
         forward_step_times(layer, x, rounds=0)
+
+
+@pytest.mark.parametrize("top_k, factor", [(1, 0.5), (1, 4.0), (2, 0.75), (3, 4.0)])
+def test_grouped_and_padded_layouts_drop_the_same_assignments_and_agree(top_k, factor):
+    grouped = make_moe(n_experts=4, top_k=top_k, capacity_factor=factor, layout="grouped")
+    padded = make_moe(n_experts=4, top_k=top_k, capacity_factor=factor, layout="padded")
+    padded.load_state_dict(grouped.state_dict())
+    with torch.no_grad():
+        grouped.b_up.normal_()
+        padded.b_up.copy_(grouped.b_up)
+    x = torch.randn(3, 11, 16)
+    torch.testing.assert_close(grouped(x), padded(x))
+    assert grouped.stats["dropped"] == padded.stats["dropped"]
+    routing = grouped.route(x.view(-1, 16))
+    dispatch = grouped.dispatch(x.view(-1, 16), routing.experts, grouped.capacity(33, routing.experts))
+    assert sum(dispatch.sizes) == int(dispatch.kept.sum()) == dispatch.buffer.size(0)
+
+
+def test_grouped_layout_counts_only_the_served_tokens():
+    """No padded slot is computed: with an even routing and no drop, the FLOPs are the dense FFN's."""
+    from common.bench import count_flops
+
+    dense = FeedForward(16, 32)
+    moe = make_moe(n_experts=4, capacity_factor=2.0, layout="grouped")
+    padded = make_moe(n_experts=4, capacity_factor=2.0, layout="padded")
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:, :4] = 50 * torch.eye(4)  # token n goes to expert n % 4
+        padded.router.weight.copy_(moe.router.weight)
+    x = torch.zeros(64, 16)
+    x[torch.arange(64), torch.arange(64) % 4] = 1.0
+    dispatch = moe.dispatch(x, moe.route(x).experts, capacity=32)
+    assert dispatch.sizes == [16, 16, 16, 16]
+    assert count_flops(lambda: moe.experts(dispatch.buffer, dispatch.sizes)) == count_flops(lambda: dense(x))
+    assert count_flops(lambda: padded(x)) > 1.9 * count_flops(lambda: dense(x))  # 2x the slots, half empty
+
+
+def test_experts_router_and_dense_ffn_are_decayed_alike():
+    from common.train import TrainConfig, make_optimizer
+
+    config = GPTConfig(vocab_size=30, context_length=16, d_model=16, n_layers=2, n_heads=2)
+    model = moe_gpt(config, MoEConfig(n_experts=3))
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for layer in moe_layers(model):
+        assert {id(layer.w_up), id(layer.w_down), id(layer.router.weight)} <= decayed
+        assert id(layer.b_up) not in decayed and id(layer.b_down) not in decayed
+    dense = GPT(config)
+    dense_decayed = {id(p) for g in make_optimizer(dense, TrainConfig()).param_groups
+                     if g["weight_decay"] > 0 for p in g["params"]}
+    ffn = dense.decoder.blocks[0].feed_forward
+    assert {id(ffn.up.weight), id(ffn.down.weight)} <= dense_decayed
+    assert id(dense.token_embedding.weight) not in dense_decayed
+
+
+def test_straight_through_gate_keeps_the_dense_scale_and_the_switch_router_gradient():
+    dense = FeedForward(16, 32)
+    layers = {gate: make_moe(n_experts=4, gate=gate, capacity_factor=4.0)
+              for gate in ("straight-through", "probability")}
+    layers["probability"].load_state_dict(layers["straight-through"].state_dict())
+    for layer in layers.values():
+        with torch.no_grad():  # every expert a copy of the dense FFN
+            layer.w_up.copy_(dense.up.weight.t().expand_as(layer.w_up))
+            layer.b_up.copy_(dense.up.bias.expand_as(layer.b_up))
+            layer.w_down.copy_(dense.down.weight.t().expand_as(layer.w_down))
+            layer.b_down.copy_(dense.down.bias.expand_as(layer.b_down))
+    x = torch.randn(20, 16)
+    y_st, y_p = layers["straight-through"](x), layers["probability"](x)
+    torch.testing.assert_close(y_st, dense(x))  # the gate's forward value is exactly 1
+    p_top = layers["probability"].route(x).probs.max(-1).values
+    torch.testing.assert_close(y_p, p_top[:, None] * dense(x))  # the Switch gate shrinks the branch
+    assert 0.25 < float(p_top.detach().mean()) < 0.35  # a little above 1/E at initialisation
+    direction = torch.randn(20, 16)
+    for y in (y_st, y_p):
+        (y * direction).sum().backward()  # a linear loss: dL/dy is the same for both
+    torch.testing.assert_close(layers["straight-through"].router.weight.grad, layers["probability"].router.weight.grad)
+
+
+def test_balanced_hash_is_fixed_random_and_even():
+    counts = torch.tensor([300.0, 250, 200, 150, 120, 100, 90, 80, 60, 50, 40, 30, 20, 10, 5, 0])
+    table = balanced_hash(counts, 4, seed=0)
+    assert table.shape == (16,) and set(table.tolist()) <= {0, 1, 2, 3}
+    torch.testing.assert_close(table, balanced_hash(counts, 4, seed=0))
+    assert any(not torch.equal(table, balanced_hash(counts, 4, seed=s)) for s in range(1, 5))
+    load = torch.zeros(4, dtype=torch.float64).index_add(0, table, counts.double())
+    assert float(load.max() / load.min()) < 1.1
+    with pytest.raises(ValueError, match="token_counts"):
+        balanced_hash(torch.tensor([-1.0, 2.0]), 2)
+
+
+def test_hash_routed_gpt_sends_each_token_id_to_its_table_expert():
+    config = GPTConfig(vocab_size=12, context_length=16, d_model=16, n_layers=2, n_heads=2, dropout=0.0)
+    counts = torch.arange(12, 0, -1).float()
+    model = moe_gpt(config, MoEConfig(n_experts=3, router="hash", hash_seed=1), token_counts=counts)
+    layers = moe_layers(model)
+    assert all(layer.router is None for layer in layers)
+    assert not torch.equal(layers[0].hash_table, layers[1].hash_table)  # one table per layer
+    x = torch.randint(0, 12, (3, 16))
+    out = model(x, targets=x)
+    assert out.aux_loss.item() == 0.0
+    for layer in layers:
+        torch.testing.assert_close(layer.stats["experts"][:, 0], layer.hash_table[x.flatten()])
+    out.loss.backward()
+    assert all(layer.w_up.grad is not None for layer in layers)
+    state = model.state_dict()
+    assert "decoder.blocks.0.feed_forward.hash_table" in state
+    twin = moe_gpt(config, MoEConfig(n_experts=3, router="hash", hash_seed=1), token_counts=counts)
+    twin.load_state_dict(state)
+    torch.testing.assert_close(twin(x).logits, model(x).logits)
+    record = record_routing(model, torch.randint(0, 12, (200,)), context_length=16, batch_size=4)
+    assert record.cv().shape == (2,)
+    with pytest.raises(ValueError, match="token_counts"):
+        moe_gpt(config, MoEConfig(n_experts=3, router="hash"))
+    with pytest.raises(RuntimeError, match="moe_gpt"):
+        MoEFeedForward(16, 32, MoEConfig(router="hash"), vocab_size=12)(torch.randn(4, 16))
+
+
+def test_routing_record_cv_and_max_min():
+    from common.moe import RoutingRecord
+
+    record = RoutingRecord(torch.zeros(1), torch.zeros(2, 1), torch.tensor([[10, 10, 10, 10], [5, 10, 15, 10]]))
+    torch.testing.assert_close(record.cv(), torch.tensor([0.0, (12.5 ** 0.5) / 10], dtype=torch.float64))
+    torch.testing.assert_close(record.max_min_ratio(), torch.tensor([1.0, 3.0]))
+
+
+@pytest.mark.parametrize("field, value", [("router", "random"), ("gate", "soft"), ("layout", "ragged"),
+                                          ("hash_seed", -1)])
+def test_bad_new_fields_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        MoEConfig(**{field: value})
+    with pytest.raises(ValueError, match="top_k"):
+        MoEConfig(router="hash", top_k=2)
