@@ -107,3 +107,82 @@ def test_gpt_with_sliding_window_trains_and_only_sees_the_window():
     assert (delta[:10] == 0).all()  # the future never leaks
     assert (delta[10:16] > 0).all()  # positions 10 .. 15 have position 10 in their window of 6
     assert (delta[16:] == 0).all()  # one layer: farther positions never see it
+
+
+@pytest.mark.parametrize("length, key_length, window", [(1, 5, 3), (4, 6, 2), (3, 40, 8), (17, 50, 8), (10, 11, 64),
+                                                        (1, 1, 3), (6, 9, 1)])
+def test_fewer_queries_than_keys_are_the_last_positions(length, key_length, window):
+    # as with a KV cache: query i sits at position key_length - length + i
+    q = qkv(length, seed=1)[0]
+    k, v = qkv(key_length, seed=2)[1:]
+    fast = sliding_window_attention(q, k, v, window)
+    reference = naive_sliding_window_attention(q, k, v, window)
+    torch.testing.assert_close(fast, reference)
+    upstream = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), upstream),
+                    torch.autograd.grad(reference, (q, k, v), upstream)):
+        torch.testing.assert_close(a, b)
+
+
+def test_more_queries_than_keys_is_refused():
+    q = qkv(6, grad=False)[0]
+    k, v = qkv(4, grad=False)[1:]
+    with pytest.raises(ValueError, match="keys"):
+        sliding_window_attention(q, k, v, 2)
+
+
+@pytest.mark.parametrize("length, window, block",
+                         [(100, 16, 8), (100, 16, 4), (70, 32, 1), (64, 32, 32), (300, 64, 16)])
+def test_every_query_block_equals_the_reference(length, window, block):
+    q, k, v = qkv(length)
+    fast = sliding_window_attention(q, k, v, window, query_block=block)
+    reference = naive_sliding_window_attention(q, k, v, window)
+    torch.testing.assert_close(fast, reference)
+    upstream = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), upstream),
+                    torch.autograd.grad(reference, (q, k, v), upstream)):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # the path without autograd writes the blocks into one buffer
+        torch.testing.assert_close(sliding_window_attention(q, k, v, window, query_block=block), reference)
+
+
+@pytest.mark.parametrize("block", [0, 3, 2.0, True, 64])
+def test_bad_query_block_raises(block):
+    q, k, v = qkv(40, grad=False)
+    with pytest.raises(ValueError, match="query_block"):
+        sliding_window_attention(q, k, v, 16, query_block=block)
+
+
+def test_gradients_on_strided_head_views():
+    # (B, L, H, E) split into heads with B = 1: the merged (H, L, E) rows are strided views, not copies
+    base = [torch.randn(1, 77, 3, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in base)
+    fast = sliding_window_attention(q, k, v, 32)
+    reference = naive_sliding_window_attention(q, k, v, 32)
+    torch.testing.assert_close(fast, reference)
+    upstream = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, base, upstream), torch.autograd.grad(reference, base, upstream)):
+        torch.testing.assert_close(a, b)
+
+
+def test_forward_without_grad_does_not_hold_two_outputs():
+    from common.bench import peak_memory
+
+    q, k, v = (torch.randn(1, 4, 2048, 32) for _ in range(3))
+    output_bytes = q.numel() * q.element_size()
+    with torch.no_grad():
+        peak = peak_memory(lambda: sliding_window_attention(q, k, v, 64))
+    assert output_bytes <= peak < 1.5 * output_bytes
+
+
+def test_flex_refuses_a_backward_on_the_cpu():
+    from common.sparse_attention import flex_sliding_window
+
+    attend = flex_sliding_window(64, 8, compile=False)
+    q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
+    with pytest.raises(RuntimeError, match="no backward on the CPU"):
+        attend(q, k, v)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no backward on the CPU"):
+        attend(q, k, v)
+    q, k, v = (t.detach() for t in (q, k, v))  # forward only is fine, and equals the blocked kernel
+    torch.testing.assert_close(attend(q, k, v), sliding_window_attention(q, k, v, 8), atol=1e-5, rtol=1e-5)
