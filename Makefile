@@ -19,7 +19,7 @@ help:
 	@echo "make unit             unit tests of common/ only"
 	@echo "make lint             ruff on .py and .ipynb; notebooks stored without outputs"
 	@echo "make bench            the GPT core benchmark -> results/00_core_benchmark.json"
-	@echo "make results          regenerate README's results section from results/*.json"
+	@echo "make results          regenerate README's results and deliverables sections from results/, figures/, notebooks"
 	@echo "make html [NB=02]     executed notebooks (build/executed) -> build/html/, offline MathJax"
 	@echo "make pdf [NB=02]      the same pages printed by headless Chromium -> build/pdf/"
 	@echo "make slides [NB=02]   reveal.js decks from the cells' slide metadata -> build/slides/"
@@ -49,6 +49,7 @@ bench:
 
 results:
 	$(PYTHON) scripts/results_table.py
+	$(PYTHON) scripts/deliverables_table.py
 
 html:
 	$(call need,test -f $(MATHJAX_DIR)/MathJax.js,MathJax 2.7,libjs-mathjax)

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import deliverables_table  # noqa: E402
 import export  # noqa: E402
 import results_table  # noqa: E402
 import run_notebooks  # noqa: E402
@@ -101,3 +102,27 @@ def test_results_table_shows_findings_and_count_levels_first():
     })})
     assert "- **99_x**: dense and r8 differ by 2 [1, 3] ppl" in text
     assert "`reference_levels`: count bigram 186, trigram 148<br>`m0`" in text
+
+
+@pytest.mark.parametrize("heading, fragment", [
+    ("Part 2 · Implementation", "Part-2-%C2%B7-Implementation"),
+    ("3.3 Forward + backward", "3.3-Forward-%2B-backward"),
+    ("The sweep over the penalty $\\lambda$", "The-sweep-over-the-penalty-%24%5Clambda%24"),
+    ("Exit depths: do tokens leave early or late?", "Exit-depths:-do-tokens-leave-early-or-late?"),
+])
+def test_deliverables_links_use_jupyters_anchors(heading, fragment):
+    assert deliverables_table.anchor(heading) == fragment
+
+
+def test_deliverables_where_column_follows_the_notebook(tmp_path):
+    cells = [nbformat.v4.new_markdown_cell("# 01 · Title\n## Theory"),
+             nbformat.v4.new_markdown_cell("# Part 2 · Implementation\n### 2.1 The mask"),
+             nbformat.v4.new_markdown_cell("## Results: a + b")]
+    notebook_with(cells, tmp_path / "01_demo.ipynb")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "01_loss_curve.png").write_bytes(b"")
+    table = "| # | notebook | deliverables | where |\n|---|---|---|---|\n| 01 | [01_demo](01_demo.ipynb) | x | old |"
+    row = deliverables_table.render(table, tmp_path).splitlines()[-1]
+    assert row.startswith("| 01 | [01_demo](01_demo.ipynb) | x | [Part 2 · Implementation](01_demo.ipynb#Part-2")
+    assert "[Results: a + b](01_demo.ipynb#Results:-a-%2B-b)" in row and "Theory" not in row
+    assert row.endswith("; figures: [loss curve](figures/01_loss_curve.png) |")
