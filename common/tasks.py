@@ -87,3 +87,32 @@ def masked_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         raise ValueError("no scored positions in the batches (every target is IGNORE)")
     return {"accuracy": items.float().mean().item(), "correct": int(items.sum()), "total": total,
             "sequence_accuracy": sequences_right / max(sequences, 1), "per_item": items.int().tolist()}
+
+
+def distance_recall(length: int, distances: Iterable[int], n_values: int = 16, n_noise: int = 32) -> Sample:
+    """Recall the one value token planted d positions before the last position (a query token).
+
+    Tokens: 0 the query, 1 .. ``n_values`` the values, then ``n_noise`` noise tokens that fill the
+    rest. Each sequence draws d uniformly from ``distances`` (each in [1, length - 1]) and a value;
+    only the last position is scored (target: the value). Chance is 1 / ``n_values``. A model whose
+    last position cannot see position length - 1 - d (a stack of sliding windows, say) cannot do
+    better than chance at that d.
+    """
+    distances = torch.as_tensor(list(distances), dtype=torch.long)
+    if distances.numel() == 0 or int(distances.min()) < 1 or int(distances.max()) > length - 1:
+        raise ValueError(f"distances must be non-empty and lie in [1, length - 1 = {length - 1}], "
+                         f"got {distances.tolist()}")
+    if n_values < 2 or n_noise < 1:
+        raise ValueError(f"need n_values >= 2 and n_noise >= 1, got {n_values}, {n_noise}")
+
+    def sample(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(1 + n_values, 1 + n_values + n_noise, (batch_size, length), generator=generator)
+        value = torch.randint(1, 1 + n_values, (batch_size,), generator=generator)
+        d = distances[torch.randint(0, len(distances), (batch_size,), generator=generator)]
+        x[torch.arange(batch_size), length - 1 - d] = value
+        x[:, -1] = 0  # the query
+        y = torch.full_like(x, IGNORE)
+        y[:, -1] = value
+        return x, y
+
+    return sample
