@@ -6,18 +6,25 @@
 - Head importance: I_h = E_x |∂L(x)/∂ξ_h|, accumulated over data and normalised per layer
   (L2 norm over the heads of a layer), as in the paper and HF's bertology example.
 - Pruning: the rows of W_Q, W_K, W_V and the columns of W_O that belong to a removed head
-  are cut out, so the matrices, the checkpoint and the latency really shrink.
-- Quantization: dynamic int8 (weights int8, activations quantized on the fly) with ONNX
-  Runtime on the ONNX export, and with PyTorch for TorchScript.
+  are cut out, so the matrices, the checkpoint and the latency really shrink. Feed-forward
+  neurons are masked, scored and cut the same way (rows of W_1, columns of W_2).
+- Recovery: a short fine-tune of the pruned model that distils the unpruned model's logits
+  (Hinton et al. 2015) besides the labels (``distillation_loss``).
+- Quantization: int8 with ONNX Runtime on the ONNX export, in several variants (dynamic or
+  statically calibrated activations, per-tensor or per-channel weights, some parts kept in
+  fp32: ``QUANTIZATION_VARIANTS``), and PyTorch's dynamic int8 for TorchScript.
 
-Command line (export the final model and check it against PyTorch on the test split):
+Command line (export a pruned model written by ``save_pruned`` and check it against PyTorch on
+the test split; the notebook prints the exact command with the file it wrote):
 
-    python -m common.compress --checkpoint build/checkpoints/08_pruned.pt --out build/export
+    python -m common.compress --checkpoint build/checkpoints/08_prune_quantize-cpu-seed0-pruned-<key>.pt \\
+        --out build/export --quantization dynamic-per-channel
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import warnings
@@ -78,16 +85,58 @@ class SentenceBatcher:
         for start in range(0, len(examples), batch_size):
             yield self.encode(examples[start : start + batch_size])
 
-    def sampler(self, examples: Sequence[tuple[str, int]], batch_size: int):
-        """A ``batches(generator)`` function for ``common.train.train``: random training batches."""
+    def sampler(self, examples: Sequence[tuple[str, int]], batch_size: int, teacher_logits: torch.Tensor | None = None):
+        """A ``batches(generator)`` function for ``common.train.train``: random training batches.
+
+        ``teacher_logits`` (N, classes), one row per example: added to each batch as
+        ``"teacher_logits"`` (for ``distillation_loss``).
+        """
+        if teacher_logits is not None and len(teacher_logits) != len(examples):
+            raise ValueError(f"one row of teacher logits per example: {len(teacher_logits)} rows for "
+                             f"{len(examples)} examples")
+
         def sample(generator: torch.Generator) -> dict[str, torch.Tensor]:
             picks = torch.randint(0, len(examples), (batch_size,), generator=generator).tolist()
-            return self.encode([examples[i] for i in picks])
+            batch = self.encode([examples[i] for i in picks])
+            if teacher_logits is not None:
+                batch["teacher_logits"] = teacher_logits[picks]
+            return batch
         return sample
+
+    def fixed(self, texts: Sequence[str], length: int) -> dict[str, torch.Tensor]:
+        """One batch padded (or cut) to exactly ``length`` tokens: the same input for every timed model."""
+        batch = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
+                               return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
+
+
+def distillation_loss(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 2.0,
+                      alpha: float = 0.5) -> torch.Tensor:
+    """alpha · CE(labels) + (1 - alpha) · T² · KL(softmax(teacher / T) ‖ softmax(student / T)).
+
+    ``batch["teacher_logits"]`` (B, classes) are the unpruned model's logits for the same
+    sentences (Hinton et al. 2015; the T² keeps the soft term's gradient scale independent of T).
+    """
+    if not 0 <= alpha <= 1 or temperature <= 0:
+        raise ValueError(f"need 0 <= alpha <= 1 and temperature > 0, got alpha={alpha}, temperature={temperature}")
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    student = torch.log_softmax(out.logits.float() / temperature, dim=-1)
+    teacher = torch.log_softmax(batch["teacher_logits"].float() / temperature, dim=-1)
+    soft = torch.nn.functional.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    return alpha * out.loss + (1 - alpha) * temperature**2 * soft
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The model's logits (N, classes) over all batches, in eval mode, on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+                      .logits.float().cpu() for b in batches])
 
 
 @torch.no_grad()
@@ -154,27 +203,103 @@ class HeadMask:
         self.handles.clear()
 
 
+class NeuronMask:
+    """Multiply each feed-forward neuron's output by ``mask[layer, neuron]`` while the context is active.
+
+    mask (layers, neurons): a forward pre-hook on each layer's ``output.dense`` (W_2) scales its
+    input, the GELU activations (B, L, I). May require grad (neuron importance).
+    """
+
+    def __init__(self, model: nn.Module, mask: torch.Tensor):
+        layers = ffn_layers(model)
+        if mask.shape != (len(layers), max(neuron_counts(model))):
+            raise ValueError(f"mask must be (layers, neurons) = ({len(layers)}, {max(neuron_counts(model))}), "
+                             f"got {tuple(mask.shape)}")
+        self.model, self.mask, self.handles = model, mask, []
+
+    def _hook(self, layer: int):
+        def scale_neurons(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+            (hidden,) = args  # (B, L, I): GELU(x W_1 + b_1)
+            return (hidden * self.mask[layer, : hidden.size(-1)].to(hidden.dtype),)
+        return scale_neurons
+
+    def __enter__(self) -> NeuronMask:
+        for i, layer in enumerate(self.model.base_model.encoder.layer):
+            self.handles.append(layer.output.dense.register_forward_pre_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def ffn_layers(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
+    """(W_1, W_2) of every encoder layer: ``intermediate.dense`` (d -> I) and ``output.dense`` (I -> d)."""
+    return [(layer.intermediate.dense, layer.output.dense) for layer in model.base_model.encoder.layer]
+
+
+def neuron_counts(model: nn.Module) -> list[int]:
+    return [w1.out_features for w1, _ in ffn_layers(model)]
+
+
+def full_masks(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks that keep every head and neuron the model has: (layers, max heads), (layers, max neurons).
+
+    A layer with fewer units than the widest layer (after pruning) has zeros in its unused slots.
+    """
+    heads, neurons = head_counts(model), neuron_counts(model)
+    head_mask, neuron_mask = torch.zeros(len(heads), max(heads)), torch.zeros(len(neurons), max(neurons))
+    for layer, (h, n) in enumerate(zip(heads, neurons)):
+        head_mask[layer, :h], neuron_mask[layer, :n] = 1, 1
+    return head_mask, neuron_mask
+
+
+def unit_importance(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
+                    head_mask: torch.Tensor | None = None,
+                    neuron_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head and neuron importance in one pass: I_u = Σ_x |∂L(x)/∂ξ_u|, L2-normalised per layer.
+
+    Returns (layers, heads) and (layers, neurons); masked units (ξ_u = 0) get importance 0.
+    """
+    model.eval()  # no dropout: the gradient should reflect the model, not the noise
+    device = next(model.parameters()).device
+    default_heads, default_neurons = full_masks(model)
+    masks = [(default if mask is None else mask.detach().clone()).to(device).requires_grad_(True)
+             for mask, default in ((head_mask, default_heads), (neuron_mask, default_neurons))]
+    scores = [torch.zeros_like(m) for m in masks]
+    with HeadMask(model, masks[0]), NeuronMask(model, masks[1]):
+        for batch in batches:
+            loss = model(**{k: v.to(device) for k, v in batch.items() if k != "teacher_logits"}).loss
+            for score, gradient in zip(scores, torch.autograd.grad(loss, masks)):
+                score += gradient.abs()
+    model.zero_grad(set_to_none=True)
+    out = []
+    for score, mask in zip(scores, masks):
+        score = score * (mask.detach() > 0)
+        out.append((score / (score.norm(dim=1, keepdim=True) + 1e-20)).cpu())  # per-layer L2 norm
+    return out[0], out[1]
+
+
 def head_importance(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """I_h = Σ_x |∂L(x)/∂ξ_h| over the batches, L2-normalised per layer -> (layers, heads).
 
     Heads already masked (ξ_h = 0) get importance 0.
     """
-    model.eval()  # no dropout: the gradient should reflect the model, not the noise
-    device = next(model.parameters()).device
-    n_layers, n_heads = len(attention_layers(model)), max(head_counts(model))
-    mask = (torch.ones(n_layers, n_heads) if mask is None else mask.detach().clone()).to(device)
-    mask.requires_grad_(True)
-    importance = torch.zeros(n_layers, n_heads, device=device)
-    with HeadMask(model, mask):
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            (gradient,) = torch.autograd.grad(loss, mask)
-            importance += gradient.abs()
-    model.zero_grad(set_to_none=True)
-    importance = importance * (mask.detach() > 0)
-    return (importance / (importance.norm(dim=1, keepdim=True) + 1e-20)).cpu()  # per-layer L2 norm
+    return unit_importance(model, batches, head_mask=mask)[0]
+
+
+def keep_top_per_layer(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """A new mask keeping, in every layer, the ``keep`` highest-scoring units still active in ``mask``."""
+    if keep < 1:
+        raise ValueError(f"keep at least one unit per layer, got keep={keep}")
+    new = torch.zeros_like(mask)
+    for layer in range(mask.size(0)):
+        active = torch.nonzero(mask[layer] > 0).flatten()
+        best = active[scores[layer, active].float().argsort(descending=True)[:keep]]
+        new[layer, best] = 1
+    return new
 
 
 def next_heads_to_mask(scores: torch.Tensor, mask: torch.Tensor, count: int) -> list[tuple[int, int]]:
@@ -219,6 +344,44 @@ def prune_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
     return model
 
 
+def prune_neurons(model: nn.Module, mask: torch.Tensor) -> nn.Module:
+    """Remove every feed-forward neuron with ``mask == 0``, in place; returns the model.
+
+    For a kept neuron set K of a layer: W_1 (``intermediate.dense``) keeps the output rows of K
+    and their biases, W_2 (``output.dense``) the input columns of K. Each layer keeps at least one.
+    """
+    for layer, encoder_layer in enumerate(model.base_model.encoder.layer):
+        current = encoder_layer.intermediate.dense.out_features
+        keep = torch.nonzero(mask[layer, :current] > 0).flatten()
+        if len(keep) == 0:
+            raise ValueError(f"layer {layer} would lose every feed-forward neuron; keep at least one per layer")
+        if len(keep) == current:
+            continue
+        encoder_layer.intermediate.dense = _select(encoder_layer.intermediate.dense, keep, dim=0)
+        encoder_layer.output.dense = _select(encoder_layer.output.dense, keep, dim=1)
+    return model
+
+
+def prune_by_importance(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], heads: int,
+                        neurons: int) -> dict[str, list[int]]:
+    """One pruning step, in place: score every head and neuron on ``batches`` (``unit_importance``),
+    then keep ``heads`` heads in all (the least important go first, by the per-layer-normalised
+    score, never the last head of a layer) and the ``neurons`` most important neurons of every layer.
+
+    Returns the head and neuron counts per layer after the step.
+    """
+    head_mask, neuron_mask = full_masks(model)
+    if not len(head_mask) <= heads <= int(head_mask.sum()) or not 0 < neurons <= min(neuron_counts(model)):
+        raise ValueError(f"keep between {len(head_mask)} and {int(head_mask.sum())} heads in all and between 1 and "
+                         f"{min(neuron_counts(model))} neurons per layer, got heads={heads}, neurons={neurons}")
+    head_scores, neuron_scores = unit_importance(model, batches, head_mask, neuron_mask)
+    for layer, head in next_heads_to_mask(head_scores, head_mask, int(head_mask.sum()) - heads):
+        head_mask[layer, head] = 0
+    neuron_mask = keep_top_per_layer(neuron_scores, neuron_mask, neurons)
+    prune_neurons(prune_heads(model, head_mask), neuron_mask)
+    return {"heads": head_counts(model), "neurons": neuron_counts(model)}
+
+
 def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     """A new Linear with only the output rows (dim 0) or input columns (dim 1) in ``index``."""
     weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
@@ -232,24 +395,67 @@ def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
+def keep_layers(model: nn.Module, layers: int) -> nn.Module:
+    """Keep only the first ``layers`` encoder layers, in place (a cheaper model for quick runs)."""
+    encoder = model.base_model.encoder
+    if not 1 <= layers <= len(encoder.layer):
+        raise ValueError(f"layers must be in [1, {len(encoder.layer)}], got {layers}")
+    encoder.layer = encoder.layer[:layers]
+    model.config.num_hidden_layers = layers
+    return model
+
+
+PRUNED_KEYS = ("source", "heads", "state_dict")  # "neurons" too since feed-forward pruning (optional)
+
+
 def save_pruned(model: nn.Module, path: str | Path, source: str | None = None) -> Path:
-    """A checkpoint that ``load_pruned`` can rebuild: the head layout plus the weights."""
+    """A file that ``load_pruned`` can rebuild: the source model's name, its number of layers, the
+    head and neuron counts per layer, and the weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(path.suffix + ".part")
-    torch.save({"source": source, "heads": head_counts(model), "state_dict": model.state_dict()}, partial)
+    torch.save({"source": source, "layers": len(head_counts(model)), "heads": head_counts(model),
+                "neurons": neuron_counts(model), "state_dict": model.state_dict()}, partial)
     os.replace(partial, path)
     return path
 
 
+def read_pruned(path: str | Path) -> dict:
+    """The payload of a file written by ``save_pruned``, or an error naming the file and what is expected."""
+    path = Path(path)
+    expected = ("a pruned model written by common.compress.save_pruned (a torch.save dict with the keys "
+                f"{', '.join(PRUNED_KEYS)}); the notebook 08_prune_quantize prints the path of the one it wrote")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; expected {expected}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # not a torch file, truncated, empty
+        raise ValueError(f"{path} cannot be read as a PyTorch file ({type(error).__name__}: {error}); "
+                         f"expected {expected}") from error
+    if not isinstance(payload, dict) or not set(PRUNED_KEYS) <= set(payload):
+        found = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
+        hint = (" It looks like a training checkpoint of common.train: pass the pruned model file instead."
+                if isinstance(payload, dict) and {"model", "optimizer"} <= set(payload) else "")
+        raise ValueError(f"{path} is not a pruned model: it holds {found}; expected {expected}.{hint}")
+    return payload
+
+
 def load_pruned(path: str | Path):
     """Rebuild a pruned classifier (and its tokenizer) saved by ``save_pruned``."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_pruned(path)
     model, tokenizer = load_classifier(payload["source"])
-    mask = torch.zeros(len(payload["heads"]), max(head_counts(model)))
+    if payload.get("layers", len(payload["heads"])) < len(head_counts(model)):
+        keep_layers(model, payload["layers"])
+    head_mask, neuron_mask = full_masks(model)
+    head_mask.zero_()
     for layer, count in enumerate(payload["heads"]):
-        mask[layer, :count] = 1  # shapes only: the weights come from the state dict
-    prune_heads(model, mask)
+        head_mask[layer, :count] = 1  # shapes only: the weights come from the state dict
+    prune_heads(model, head_mask)
+    if payload.get("neurons") is not None:
+        neuron_mask.zero_()
+        for layer, count in enumerate(payload["neurons"]):
+            neuron_mask[layer, :count] = 1
+        prune_neurons(model, neuron_mask)
     model.load_state_dict(payload["state_dict"])
     return model.eval(), tokenizer
 
@@ -258,10 +464,14 @@ def file_size_mb(path: str | Path) -> float:
     return Path(path).stat().st_size / 2**20
 
 
-def state_dict_size_mb(model: nn.Module, path: str | Path) -> float:
-    """Size on disk of the model's weights saved with ``torch.save``."""
-    torch.save(model.state_dict(), path)
-    return file_size_mb(path)
+def state_dict_size_mb(model: nn.Module, path: str | Path | None = None) -> float:
+    """Size of the model's weights saved with ``torch.save`` (to ``path``, or counted in memory)."""
+    if path is not None:
+        torch.save(model.state_dict(), path)
+        return file_size_mb(path)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes / 2**20
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,14 +505,94 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: str | 
     return path
 
 
-def quantize_onnx(fp32_path: str | Path, int8_path: str | Path) -> Path:
-    """Dynamic int8 quantization of MatMul/Gather weights with ONNX Runtime."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+@dataclass(frozen=True)
+class Quantization:
+    """How ONNX Runtime turns the fp32 graph into int8 (weights always int8, symmetric).
 
+    ``static``: activation ranges calibrated once on sample sentences (QDQ format), instead of
+    measured on every batch (dynamic); ``per_channel``: one weight scale per output column of
+    each matrix instead of one per matrix; ``keep_fp32``: parts of parameter names (e.g.
+    ``"embeddings"``, ``"classifier"``) whose operations stay fp32; ``calibration``: the static
+    range estimator (``"MinMax"`` or ``"Percentile"``). Only matrix products with a constant
+    weight (and the embedding look-ups) are quantized, never attention's QK^T or AV.
+    """
+
+    static: bool = False
+    per_channel: bool = False
+    keep_fp32: tuple[str, ...] = ()
+    calibration: str = "MinMax"
+
+    def __post_init__(self):
+        if self.calibration not in ("MinMax", "Percentile", "Entropy"):
+            raise ValueError(f"calibration must be 'MinMax', 'Percentile' or 'Entropy', got {self.calibration!r}")
+
+
+QUANTIZATION_VARIANTS = {
+    "dynamic": Quantization(),
+    "dynamic-per-channel": Quantization(per_channel=True),
+    "dynamic-per-channel-fp32-classifier": Quantization(per_channel=True, keep_fp32=("pooler", "classifier")),
+    "dynamic-per-channel-fp32-embeddings-classifier": Quantization(
+        per_channel=True, keep_fp32=("embeddings", "pooler", "classifier")),
+    "static-per-channel": Quantization(static=True, per_channel=True),
+}
+
+
+def nodes_reading(onnx_path: str | Path, name_parts: Sequence[str]) -> list[str]:
+    """Names of the graph's nodes that read a weight (initializer) whose name contains one of ``name_parts``
+    (a Gemm also under the name ONNX Runtime's quantizer gives the MatMul it makes of it)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer if any(part in t.name for part in name_parts)}
+    names = [node.name for node in graph.node if weights.intersection(node.input)]
+    # the quantizer first rewrites each Gemm as a MatMul named <name>_MatMul (and an Add): name both
+    return names + [f"{node.name}_MatMul" for node in graph.node if node.op_type == "Gemm" and node.name in names]
+
+
+class _Calibration:
+    """Feeds ONNX Runtime's calibrator one batch at a time (``get_next`` -> dict of arrays, then None)."""
+
+    def __init__(self, batches: Iterator[dict[str, torch.Tensor]]):
+        self.batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {k: batch[k].numpy() for k in ("input_ids", "attention_mask")}
+
+    def rewind(self) -> None:  # part of the reader interface; one pass is all the calibrators need
+        pass
+
+
+def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, quantization: Quantization | str = "dynamic",
+                  calibration: Iterator[dict[str, torch.Tensor]] | None = None) -> Path:
+    """Int8 quantization of the MatMul/Gemm/Gather weights with ONNX Runtime (``Quantization``).
+
+    A static variant needs ``calibration``: batches of sentences (training data, never test).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if isinstance(quantization, str):
+        if quantization not in QUANTIZATION_VARIANTS:
+            raise ValueError(f"unknown quantization {quantization!r}; choose one of {list(QUANTIZATION_VARIANTS)}")
+        quantization = QUANTIZATION_VARIANTS[quantization]
+    if quantization.static and calibration is None:
+        raise ValueError("static quantization needs calibration batches (sentences from the training split)")
+    excluded = nodes_reading(fp32_path, quantization.keep_fp32) if quantization.keep_fp32 else None
+    Path(int8_path).parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # silence the "consider pre-processing" hint
     try:
-        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+        if quantization.static:
+            quantize_static(str(fp32_path), str(int8_path), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=quantization.per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                            calibrate_method=CalibrationMethod[quantization.calibration],
+                            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False,
+                                           "WeightSymmetric": True})
+        else:
+            quantize_dynamic(str(fp32_path), str(int8_path), op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+                             per_channel=quantization.per_channel, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)
     return Path(int8_path)
@@ -329,12 +619,14 @@ def export_torchscript(model: nn.Module, example: dict[str, torch.Tensor], path:
 class OnnxClassifier:
     """An ONNX Runtime session with the ``model(input_ids=, attention_mask=).logits`` interface."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:  # idle threads sleep instead of busy-waiting, which would slow whatever runs next
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
@@ -350,13 +642,18 @@ class OnnxClassifier:
 
 
 def export_all(checkpoint: str | Path, out: str | Path, test: Sequence[tuple[str, int]],
-               max_length: int = 64) -> dict:
+               max_length: int = 64, quantization: str = "dynamic",
+               calibration: Sequence[tuple[str, int]] | None = None) -> dict:
     """Export a pruned checkpoint to ONNX (fp32 + int8) and TorchScript (int8), and check them.
 
-    The checks compare predictions on the labelled ``test`` sentences: ONNX fp32 against
-    PyTorch fp32 (same numbers up to float error), the int8 exports against PyTorch fp32
-    (agreement rate), and each model's accuracy.
+    ``quantization``: a name of ``QUANTIZATION_VARIANTS`` for the ONNX int8 model;
+    ``calibration``: sentences for a static variant (from the training split). The checks
+    compare predictions on the labelled ``test`` sentences: ONNX fp32 against PyTorch fp32 (same
+    numbers up to float error), the int8 exports against PyTorch fp32 (agreement rate), and each
+    model's accuracy.
     """
+    if quantization not in QUANTIZATION_VARIANTS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {list(QUANTIZATION_VARIANTS)}")
     out = Path(out)
     model, tokenizer = load_pruned(checkpoint)
     batcher = SentenceBatcher(tokenizer, max_length)
@@ -366,7 +663,8 @@ def export_all(checkpoint: str | Path, out: str | Path, test: Sequence[tuple[str
         "torchscript_int8": export_torchscript(quantize_torch(load_pruned(checkpoint)[0]), example,
                                                out / "model_int8.torchscript.pt"),
     }
-    paths["onnx_int8"] = quantize_onnx(paths["onnx_fp32"], out / "model_int8.onnx")
+    paths["onnx_int8"] = quantize_onnx(paths["onnx_fp32"], out / "model_int8.onnx", quantization,
+                                       batcher.batches(calibration, 32) if calibration else None)
 
     reference, labels = predict(model, batcher.batches(test, 64))
     scripted = torch.jit.load(str(paths["torchscript_int8"]))
@@ -375,11 +673,10 @@ def export_all(checkpoint: str | Path, out: str | Path, test: Sequence[tuple[str
                                         for b in batcher.batches(test, 64)])
     fp32_logits = np.concatenate([OnnxClassifier(paths["onnx_fp32"]).logits(b["input_ids"], b["attention_mask"])
                                   for b in batcher.batches(test, 64)])
-    with torch.no_grad():
-        torch_logits = np.concatenate([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                                       .logits.numpy() for b in batcher.batches(test, 64)])
+    torch_logits = logits_of(model, batcher.batches(test, 64)).numpy()
     int8_pred, _ = OnnxClassifier(paths["onnx_int8"]).predict(batcher.batches(test, 64))
     report = {
+        "quantization": quantization,
         "files_mb": {k: file_size_mb(p) for k, p in paths.items()},
         "onnx_fp32_max_abs_logit_diff": float(np.abs(fp32_logits - torch_logits).max()),
         "agreement_with_pytorch_fp32": {"onnx_fp32": float((fp32_logits.argmax(-1) == reference).mean()),
@@ -392,17 +689,29 @@ def export_all(checkpoint: str | Path, out: str | Path, test: Sequence[tuple[str
     return {"paths": {k: str(p) for k, p in paths.items()}, **report}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Export a pruned classifier to ONNX (fp32, int8) and "
                                                  "TorchScript (int8), and check its predictions.")
-    parser.add_argument("--checkpoint", required=True, help="a file written by save_pruned")
+    parser.add_argument("--checkpoint", required=True, help="a pruned model written by save_pruned (the notebook "
+                                                            "08_prune_quantize prints its path)")
     parser.add_argument("--out", default="build/export", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid/test split")
-    args = parser.parse_args()
+    parser.add_argument("--quantization", default="dynamic", choices=list(QUANTIZATION_VARIANTS),
+                        help="ONNX Runtime int8 variant")
+    parser.add_argument("--calibration-size", type=int, default=256,
+                        help="training sentences that calibrate a static variant")
+    args = parser.parse_args(argv)
+    try:
+        read_pruned(args.checkpoint)  # a clear message before any work
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     from common.data import load_movie_reviews, split_examples
 
-    test = split_examples(load_movie_reviews(), args.seed)["test"]
-    report = export_all(args.checkpoint, args.out, test)
+    splits = split_examples(load_movie_reviews(), args.seed)
+    static = QUANTIZATION_VARIANTS[args.quantization].static
+    calibration = splits["train"][: args.calibration_size] if static else None
+    report = export_all(args.checkpoint, args.out, splits["test"], quantization=args.quantization,
+                        calibration=calibration)
     for key, value in report.items():
         print(f"{key}: {value}")
     if report["onnx_fp32_max_abs_logit_diff"] > 1e-3:
