@@ -19,6 +19,11 @@ to stop with a halting unit. This module does both on top of ``common.model``:
 - Exit policies: ``HaltingPolicy`` (learned chi_n > threshold), ``ConfidencePolicy``
   (max_w p_n(w) > threshold, as in DeeBERT-style exits), ``FixedDepthPolicy`` (every
   token stops at layer n: the static shallower model).
+- Cost: ``flops_per_token`` and ``theory_flops`` count what skipping should save, to set
+  beside the FLOP counter and the clock.
+- A task of known difficulty, ``VariableChains`` (each token needs k look-ups), with
+  ``run_task_policy`` and ``exit_predictions`` to score every exit on it; ``char_category``
+  and ``grouped_means`` for the analysis of natural text by kind of character.
 
 Shapes: B batch, L sequence length, D model width, V vocabulary, N number of layers,
 A active tokens (a flat count over the batch), Q most active tokens in one row.
@@ -28,6 +33,7 @@ Layers are numbered 1..N; "depth" is the number of layers a token went through.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -103,8 +109,12 @@ class EarlyExitGPT(nn.Module):
         return states
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, L) -> logits of the last layer (B, L, V): the full-depth model."""
-        return self.logits(self.exit_states(idx)[-1])
+        """idx (B, L) -> logits of the last layer (B, L, V): the full-depth model, with no
+        read-out below the last layer (the plain GPT computation)."""
+        h = self.embed(idx)
+        for block in self.blocks:
+            h = block(h)
+        return self.logits(self.readout(h))
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,9 +219,9 @@ class ThresholdPolicy(ExitPolicy):
     """A policy that exits when a per-token score exceeds ``threshold`` (>= 0)."""
 
     def __init__(self, threshold: float):
-        if threshold < 0:
-            raise ValueError(f"{type(self).__name__} threshold must be >= 0, got {threshold}")
-        self.threshold = threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
+            raise ValueError(f"{type(self).__name__} threshold must be a number >= 0 (not NaN), got {threshold!r}")
+        self.threshold = float(threshold)
 
 
 class HaltingPolicy(ThresholdPolicy):
@@ -240,9 +250,9 @@ class FixedDepthPolicy(ExitPolicy):
     """Every token stops after layer ``depth``: the static, shallower model."""
 
     def __init__(self, depth: int):
-        if depth < 1:
-            raise ValueError(f"FixedDepthPolicy depth must be >= 1, got {depth}")
-        self.depth = depth
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
+            raise ValueError(f"FixedDepthPolicy depth must be a whole number of layers >= 1, got {depth!r}")
+        self.depth = int(depth)
 
     def should_exit(self, model, layer, states, logits):
         return torch.full(states.shape[:1], layer >= self.depth, device=states.device)
@@ -367,6 +377,7 @@ class ExitEvaluation:
     loss: float  # mean next-token NLL (nats)
     exit_layer: torch.Tensor  # (T,) exit layer of each predicted token, in stream order
     n_layers: int
+    nll: torch.Tensor | None = None  # (T,) -log p(y_t) of each predicted token at its exit (nats)
 
     @property
     def ppl(self) -> float:
@@ -400,13 +411,29 @@ def evaluate_policy(model: EarlyExitGPT, ids: torch.Tensor, policy: ExitPolicy,
     """Perplexity and per-token exit layers of ``policy`` on the stream ``ids`` (T + 1,)."""
     device = next(model.parameters()).device
     model.eval()
-    total, count, exits = 0.0, 0, []
+    exits, losses = [], []
     for x, y in windows(ids, context_length, batch_size, device):
         out = adaptive_forward(model, x, policy)
-        total += F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-        count += y.numel()
+        losses.append(F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), reduction="none").cpu())
         exits.append(out.exit_layer.flatten().cpu())
-    return ExitEvaluation(repr(policy), total / count, torch.cat(exits), model.n_layers)
+    nll = torch.cat(losses)
+    return ExitEvaluation(repr(policy), nll.mean().item(), torch.cat(exits), model.n_layers, nll)
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, ids: torch.Tensor, context_length: int, batch_size: int = 32) -> torch.Tensor:
+    """-log p(y_t) (nats) of every predicted token of the stream ``ids`` (T + 1,) -> (T,), in
+    stream order, for any model returning logits (B, L, V) or an output with ``.logits``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in windows(ids, context_length, batch_size, device):
+        out = model(x)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").cpu())
+    model.train(was_training)
+    return torch.cat(losses)
 
 
 @torch.no_grad()
@@ -460,34 +487,255 @@ def time_policies(model: EarlyExitGPT, bench_batch: torch.Tensor, policies: list
 
 
 # ---------------------------------------------------------------------------------------
-# token categories for the analysis
+# character categories for the analysis of natural text
 
-STOP_WORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being
-below between both but by can could did do does doing down during each few for from further
-had has have having he her here hers herself him himself his how i if in into is it its
-itself just me more most my myself no nor not now of off on once only or other our ours out
-over own same she should so some such than that the their theirs them themselves then there
-these they this those through to too under until up very was we were what when where which
-while who whom why will with would you your yours 's n't 're 've 'm 'll 'd
-""".split())
+CHAR_CATEGORIES = ("space", "word start", "inside word", "digit", "punctuation", "line break")
 
 
-def token_category(token: str) -> str:
-    """The word class of a PTB token: stop-word, number, punctuation/symbol, <eos>, <unk>, content."""
-    if token in ("<eos>", "<unk>"):
-        return token
-    if token == "N":  # PTB writes every number as N
-        return "number"
-    if token in STOP_WORDS:
-        return "stop-word"
-    if not any(c.isalnum() for c in token):
-        return "punctuation/symbol"
-    return "content word"
+def char_category(previous: str, char: str) -> str:
+    """The kind of a predicted character given the one before it: ``space``, ``line break``,
+    ``digit``, ``word start`` (a letter after a non-letter), ``inside word`` (a letter after a
+    letter) or ``punctuation`` (anything else)."""
+    if char == " ":
+        return "space"
+    if char == "\n":
+        return "line break"
+    if char.isdigit():
+        return "digit"
+    if char.isalpha():
+        return "inside word" if previous.isalpha() else "word start"
+    return "punctuation"
 
 
-def frequency_band(count: int, frequent_at: int = 1000, rare_below: int = 50) -> str:
-    """``frequent`` (>= frequent_at training occurrences), ``rare`` (< rare_below) or ``middle``."""
-    if rare_below > frequent_at:
-        raise ValueError(f"rare_below ({rare_below}) must be <= frequent_at ({frequent_at})")
-    return "frequent" if count >= frequent_at else "rare" if count < rare_below else "middle"
+def grouped_means(values: torch.Tensor, groups: list[str], blocks: torch.Tensor, n_boot: int = 2000,
+                  confidence: float = 0.95, seed: int = 0) -> dict[str, dict]:
+    """Mean of ``values`` (T,) within each group, with a block-bootstrap interval.
+
+    ``blocks`` (T,) says which block (e.g. evaluation window) each value belongs to; the
+    bootstrap resamples whole blocks, since neighbouring tokens are not independent.
+    Returns ``{group: {"mean", "ci", "tokens"}}``.
+    """
+    if not len(values) == len(groups) == len(blocks):
+        raise ValueError(f"values, groups and blocks must have one entry per token, got "
+                         f"{len(values)}, {len(groups)}, {len(blocks)}")
+    names = sorted(set(groups))
+    code = torch.tensor([names.index(g) for g in groups])
+    block_ids, block = torch.unique(blocks, return_inverse=True)
+    n_blocks, n_groups = len(block_ids), len(names)
+    sums = torch.zeros(n_blocks, n_groups, dtype=torch.float64)
+    counts = torch.zeros(n_blocks, n_groups, dtype=torch.float64)
+    sums.index_put_((block, code), values.double(), accumulate=True)
+    counts.index_put_((block, code), torch.ones(len(values), dtype=torch.float64), accumulate=True)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n_blocks, (n_boot, n_blocks), generator=generator)
+    boot = sums[draws].sum(1) / counts[draws].sum(1).clamp_min(1)  # (n_boot, G)
+    alpha = (1 - confidence) / 2
+    low, high = torch.quantile(boot, torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0)
+    total = counts.sum(0)
+    return {name: {"mean": (sums[:, g].sum() / total[g]).item(), "ci": [low[g].item(), high[g].item()],
+                   "tokens": int(total[g])} for g, name in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------------
+# a task whose difficulty is known by construction: chains of variable assignments
+
+
+class VariableChains:
+    """Tokens of known difficulty: each token assigns a variable, the target is its value, and
+    the difficulty is the number of look-ups (hops) needed to find that value.
+
+    A sequence assigns ``n_statements`` distinct variables (of ``n_vars``), one per token. The
+    first ``n_literals`` statements are ``v := c`` with distinct literal values c (0 hops: the
+    answer is in the token, a copy). Each later statement is a link ``v := u`` with u assigned
+    earlier: it draws its number of hops k from ``hop_weights`` (``hop_weights[k - 1]`` is the
+    weight of k hops; k is at most one more than the longest chain so far) and points to a
+    statement with k - 1 hops, chosen at random. Following a link needs an attention layer: u's
+    token is found by its name, and u's own value is there only once u is resolved.
+
+    Each statement is one token ``v * (n_vars + n_values) + source`` (source < n_vars: a variable,
+    else the literal ``source - n_vars``); the target is the value token
+    ``n_vars * (n_vars + n_values) + value``. Every position is scored; ``hops_of`` measures the
+    share of each hop count.
+
+    ``task(batch_size, generator) -> (inputs, targets)``, both (B, n_statements), as in ``common.tasks``.
+    """
+
+    def __init__(self, n_vars: int = 12, n_values: int = 16, n_statements: int = 12, n_literals: int = 4,
+                 hop_weights: tuple[float, ...] = (0.3, 0.25, 0.25, 0.2)):
+        for name, value in (("n_vars", n_vars), ("n_values", n_values), ("n_statements", n_statements),
+                            ("n_literals", n_literals)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"VariableChains {name} must be a positive integer, got {value!r}")
+        if n_statements > n_vars:
+            raise ValueError(f"VariableChains assigns each variable once: n_statements ({n_statements}) "
+                             f"must be <= n_vars ({n_vars})")
+        if not n_literals <= min(n_statements, n_values):
+            raise ValueError(f"n_literals ({n_literals}) must be <= n_statements ({n_statements}) and <= n_values "
+                             f"({n_values}): the literal values of a sequence all differ")
+        weights = torch.tensor(hop_weights, dtype=torch.float64)
+        if weights.ndim != 1 or len(weights) < 1 or not bool(torch.isfinite(weights).all()) \
+                or bool((weights < 0).any()) or weights.sum() <= 0:
+            raise ValueError(f"hop_weights must be finite weights >= 0 for 1, 2, ... hops with a positive sum, "
+                             f"got {hop_weights!r}")
+        self.n_vars, self.n_values, self.n_statements, self.n_literals = n_vars, n_values, n_statements, n_literals
+        self.hop_weights = tuple(float(w) for w in hop_weights)
+        self.n_sources = n_vars + n_values
+        self.value_offset = n_vars * self.n_sources
+        self.vocab_size = self.value_offset + n_values
+        self.max_hops = min(len(hop_weights), n_statements - n_literals)
+
+    def __repr__(self) -> str:
+        return (f"VariableChains(n_vars={self.n_vars}, n_values={self.n_values}, n_statements={self.n_statements}, "
+                f"n_literals={self.n_literals}, hop_weights={self.hop_weights})")
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, _ = self.with_hops(batch_size, generator)
+        return x, y
+
+    def with_hops(self, batch_size: int, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch: inputs, targets and the hops of every token, each (B, n_statements)."""
+        b, s, m = batch_size, self.n_statements, self.n_literals
+        cumulative = torch.tensor(self.hop_weights).cumsum(dim=0)
+        var = torch.argsort(torch.rand(b, self.n_vars, generator=generator), dim=1)[:, :s]  # each assigned once
+        value = torch.argsort(torch.rand(b, self.n_values, generator=generator), dim=1)[:, :s].clone()
+        value[:, m:] = 0  # literals: distinct values; the links take theirs from their chain
+        source = torch.cat([self.n_vars + value[:, :m], torch.zeros(b, s - m, dtype=torch.long)], dim=1)
+        hops = torch.zeros(b, s, dtype=torch.long)
+        draw = torch.rand(b, s, generator=generator)
+        pick = torch.rand(b, s, s, generator=generator)  # which earlier statement a link points to
+        rows = torch.arange(b)
+        for i in range(m, s):
+            k = 1 + (draw[:, i, None] * cumulative[-1] >= cumulative).sum(dim=1).clamp(max=len(cumulative) - 1)
+            k = torch.minimum(k, hops[:, :i].amax(dim=1) + 1)  # a chain can only extend one that exists
+            j = torch.where(hops[:, :i] == (k - 1)[:, None], pick[:, i, :i], -1.0).argmax(dim=1)
+            hops[:, i], source[:, i], value[:, i] = k, var[rows, j], value[rows, j]
+        return var * self.n_sources + source, self.value_offset + value, hops
+
+    def hops_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The hops of every token of inputs ``x`` (B, S), read off the statements themselves."""
+        var, source = x // self.n_sources, x % self.n_sources
+        hops = torch.zeros_like(x)
+        for i in range(x.size(1)):
+            defines = (var[:, :i] == source[:, i, None])  # (B, i): the earlier statement of the source variable
+            linked = defines.any(dim=1)
+            previous = torch.where(defines, hops[:, :i], 0).sum(dim=1)
+            hops[:, i] = torch.where(linked, previous + 1, 0)
+        return hops
+
+    def chain_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Which earlier statements each token's chain runs through: (B, S, S) bool, [b, i, j] true
+        when statement j is on the way from statement i to its literal (j < i)."""
+        var, source = x // self.n_sources, x % self.n_sources
+        b, s = x.shape
+        on_chain = torch.zeros(b, s, s, dtype=torch.bool)
+        for i in range(s):
+            defines = var[:, :i] == source[:, i, None]  # (B, i): the statement of the source variable
+            on_chain[:, i, :i] = defines | (defines[:, :, None] & on_chain[:, :i, :i]).any(dim=1)
+        return on_chain
+
+    def describe(self, x: torch.Tensor, y: torch.Tensor) -> list[str]:
+        """One sequence (S,) as text: ``"c := 5"``, ``"f := c"``, ... with the target value."""
+        names = [chr(ord("a") + i) if i < 26 else f"x{i}" for i in range(self.n_vars)]
+        out = []
+        for token, target in zip(x.tolist(), y.tolist()):
+            v, source = divmod(token, self.n_sources)
+            right = names[source] if source < self.n_vars else str(source - self.n_vars)
+            out.append(f"{names[v]} := {right}  (= {target - self.value_offset})")
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation on a task with a known difficulty
+
+
+@dataclass
+class TaskRun:
+    """A policy run over a fixed test set: per token, its exit layer, prediction and target (all (T,))."""
+
+    policy: str
+    exit_layer: torch.Tensor
+    prediction: torch.Tensor
+    target: torch.Tensor
+    n_layers: int
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.prediction == self.target
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct.float().mean().item()
+
+    @property
+    def avg_depth(self) -> float:
+        return self.exit_layer.float().mean().item()
+
+    def exit_hist(self) -> dict[int, float]:
+        counts = torch.bincount(self.exit_layer, minlength=self.n_layers + 1)[1:].float()
+        return {layer: (c / counts.sum()).item() for layer, c in enumerate(counts, start=1)}
+
+
+@torch.no_grad()
+def run_task_policy(model: EarlyExitGPT, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    policy: ExitPolicy) -> TaskRun:
+    """``adaptive_forward`` with ``policy`` over ``batches`` of (inputs, targets) (B, L): every
+    scored position's exit layer and arg-max prediction, in order."""
+    device = next(model.parameters()).device
+    model.eval()
+    exits, predictions, targets = [], [], []
+    for x, y in batches:
+        out = adaptive_forward(model, x.to(device), policy)
+        scored = y.to(device) != -100
+        exits.append(out.exit_layer[scored].cpu())
+        predictions.append(out.logits.argmax(-1)[scored].cpu())
+        targets.append(y[scored.cpu()])
+    return TaskRun(repr(policy), torch.cat(exits), torch.cat(predictions), torch.cat(targets), model.n_layers)
+
+
+@torch.no_grad()
+def exit_predictions(model: EarlyExitGPT, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every exit at full depth: arg-max predictions (N, T), the loss -log p_n(y) (N, T) and the
+    halting probabilities chi_n (N, T) of the scored positions, in order."""
+    device = next(model.parameters()).device
+    model.eval()
+    predictions, nll, chi = [], [], []
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        scored = y != -100
+        states = model.exit_states(x)
+        logits = [model.logits(s) for s in states]
+        predictions.append(torch.stack([lg.argmax(-1)[scored] for lg in logits]).cpu())
+        nll.append(torch.stack([F.cross_entropy(lg[scored].float(), y[scored], reduction="none")
+                                for lg in logits]).cpu())
+        chi.append(torch.stack([model.halt_probability(n, s[scored]) for n, s in enumerate(states, start=1)]).cpu())
+    return torch.cat(predictions, dim=1), torch.cat(nll, dim=1), torch.cat(chi, dim=1)
+
+
+def theory_flops(config: GPTConfig, exit_layer: torch.Tensor) -> float:
+    """FLOPs that ``adaptive_forward`` should spend on a batch whose tokens exit at ``exit_layer``
+    (any shape), by the count of ``flops_per_token``: every token its own layers and the head,
+    plus the keys and values of exited tokens in each layer where a token of the batch is still
+    active (up to the deepest exit; above it the loop stops)."""
+    deepest = int(exit_layer.max())
+    kv = flops_per_token(config, config.n_layers - 1) - flops_per_token(config, config.n_layers - 1, copied_kv=False)
+    depth = exit_layer.double()
+    return float((flops_per_token(config, depth, copied_kv=False) + (deepest - depth) * kv).sum())
+
+
+def flops_per_token(config: GPTConfig, depth: float, keys: float | None = None, copied_kv: bool = True) -> float:
+    """FLOPs (multiply-add = 2) of one token that leaves a ``config`` stack after ``depth`` layers.
+
+    Each layer it goes through: the projections and the FFN, 2 (4 D^2 + 2 D d_ff) (= 24 D^2 with
+    d_ff = 4D), and attention over ``keys`` keys, 4 keys D (default: every position of the context,
+    as the masked attention kernels compute it). With ``copied_kv``, each layer above its exit
+    also projects its keys and values, 4 D^2, which later tokens read (``adaptive_forward`` does so
+    in every layer where a token of the batch is still active); without, the stack simply ends
+    there (a static model of that depth). Once: the output head, 2 V D. Linear in ``depth``, so
+    the average over tokens is the value at the average depth.
+    """
+    d, keys = config.d_model, config.context_length if keys is None else keys
+    visited = 2 * (4 * d * d + 2 * d * config.d_ff) + 4 * keys * d
+    skipped = 4 * d * d if copied_kv else 0
+    return depth * visited + (config.n_layers - depth) * skipped + 2 * config.vocab_size * d
