@@ -57,6 +57,25 @@ def energy_kept(matrix: torch.Tensor) -> torch.Tensor:
     return (s2.cumsum(-1) / s2.sum(-1, keepdim=True)).float()
 
 
+def uniform_causal_attention(length: int) -> torch.Tensor:
+    """The causal attention matrix that learned nothing: row i spreads 1 / (i + 1) over keys 0 … i. (L, L)."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive integer, got {length!r}")
+    return torch.ones(length, length).tril() / torch.arange(1, length + 1)[:, None]
+
+
+def random_causal_attention(length: int, scale: float, n: int = 1,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Causal softmax of random scores: softmax(scale · N(0, 1) + M) with M the causal mask. (n, L, L)."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1 or n < 1:
+        raise ValueError(f"length and n must be positive integers, got {length!r}, {n!r}")
+    if not scale >= 0:
+        raise ValueError(f"scale must be >= 0, got {scale!r}")
+    scores = scale * torch.randn(n, length, length, generator=generator)
+    future = torch.ones(length, length, dtype=torch.bool).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
 class LowRankLinear(nn.Module):
     """A linear layer whose weight has rank <= r: y = x W2ᵀ W1ᵀ + b, i.e. W = W1 W2.
 

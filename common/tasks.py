@@ -116,3 +116,96 @@ def distance_recall(length: int, distances: Iterable[int], n_values: int = 16, n
         return x, y
 
     return sample
+
+
+class KeyedRecall:
+    """Recall from a table whose keys carry exactly ``key_bits`` dimensions (the low-rank task of notebook 05).
+
+    A sequence holds ``n_pairs`` table tokens, each a (key, value) pair with a distinct random key
+    among the 2^k sign codes of k = ``key_bits`` bits and a random value among ``n_values``, then
+    ``n_queries`` query tokens, each naming one key of the table; the target at a query is its value.
+
+    ``embedding(d_model)`` is the fixed input table that makes the key k-dimensional by construction:
+    a table token is [key code | value one-hot | 0], a query [0 | 0 | key code], where a key code
+    writes bit b as (+1, -1) or (-1, +1) (every token then has the same sum and norm, so a LayerNorm
+    acts on all of them alike). Frozen, with no position embedding, it leaves a one-layer model
+    nothing but the bilinear score q·k to find the key: an attention whose W_Q, W_K have rank r < k
+    sees only r directions of the key space, and keys that agree on those collide.
+
+    Vocabulary: [0, V) answers (value v), then 2^k·V table tokens (key, value), then 2^k queries.
+    """
+
+    def __init__(self, key_bits: int = 6, n_pairs: int = 32, n_values: int = 4, n_queries: int = 8):
+        for name, value, low in [("key_bits", key_bits, 1), ("n_pairs", n_pairs, 1), ("n_values", n_values, 2),
+                                 ("n_queries", n_queries, 1)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if key_bits > 16 or n_pairs > 2 ** key_bits or n_queries > n_pairs:
+            raise ValueError(f"need key_bits <= 16, n_pairs <= 2^key_bits = {2 ** min(key_bits, 16)} and "
+                             f"n_queries <= n_pairs, got {key_bits}, {n_pairs}, {n_queries}")
+        self.key_bits, self.n_pairs, self.n_values, self.n_queries = key_bits, n_pairs, n_values, n_queries
+        self.n_keys = 2 ** key_bits
+        self.pair_offset = n_values
+        self.query_offset = n_values + self.n_keys * n_values
+        self.vocab_size = self.query_offset + self.n_keys
+        self.length = n_pairs + n_queries
+        self.code_width = 4 * key_bits + n_values  # key code (2k) + value one-hot (V) + query code (2k)
+
+    def key_codes(self) -> torch.Tensor:
+        """(2^k, 2k) balanced sign codes: bit b of key i as (s, -s) with s = ±1."""
+        bits = (torch.arange(self.n_keys)[:, None] >> torch.arange(self.key_bits - 1, -1, -1)) & 1
+        signs = bits.float() * 2 - 1
+        return torch.stack([signs, -signs], dim=-1).flatten(1)
+
+    def embedding(self, d_model: int) -> torch.Tensor:
+        """The fixed (vocab_size, d_model) input table; columns past ``code_width`` stay 0."""
+        if d_model < self.code_width:
+            raise ValueError(f"d_model must be >= 4·key_bits + n_values = {self.code_width}, got {d_model}")
+        c, values = 2 * self.key_bits, self.n_values
+        table = torch.zeros(self.vocab_size, d_model)
+        table[:values, c:c + values] = torch.eye(values)
+        codes = self.key_codes()
+        key = torch.arange(self.n_keys).repeat_interleave(values)
+        value = torch.arange(values).repeat(self.n_keys)
+        rows = self.pair_offset + key * values + value
+        table[rows, :c] = codes[key]
+        table[rows, c + value] = 1.0
+        table[self.query_offset:, c + values:2 * c + values] = codes
+        return table
+
+    def freeze_inputs(self, model: nn.Module) -> nn.Module:
+        """Give a ``common.model.GPT`` the fixed table and no position embedding, both frozen."""
+        with torch.no_grad():
+            model.token_embedding.weight.copy_(self.embedding(model.token_embedding.weight.size(1)))
+            model.position_embedding.weight.zero_()
+        model.token_embedding.weight.requires_grad_(False)
+        model.position_embedding.weight.requires_grad_(False)
+        return model
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both (B, n_pairs + n_queries); targets IGNORE except at the queries."""
+        keys = torch.rand(batch_size, self.n_keys, generator=generator).argsort(-1)[:, :self.n_pairs]
+        values = torch.randint(0, self.n_values, (batch_size, self.n_pairs), generator=generator)
+        asked = torch.rand(batch_size, self.n_pairs, generator=generator).argsort(-1)[:, :self.n_queries]
+        inputs = torch.cat([self.pair_offset + keys * self.n_values + values,
+                            self.query_offset + keys.gather(1, asked)], dim=1)
+        targets = torch.full_like(inputs, IGNORE)
+        targets[:, self.n_pairs:] = values.gather(1, asked)
+        return inputs, targets
+
+    def accuracy_seeing(self, bits: int, n_sequences: int = 4000, seed: int = 0) -> float:
+        """Accuracy of the best guess from ``bits`` of the k key bits: the most common value among the
+        table's keys that agree with the query on those bits (ties split). A reference for a rank-r reader."""
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits <= self.key_bits:
+            raise ValueError(f"bits must be an integer in [0, {self.key_bits}], got {bits!r}")
+        generator = torch.Generator().manual_seed(seed)
+        inputs, targets = self.sample(n_sequences, generator)
+        keys = (inputs[:, :self.n_pairs] - self.pair_offset) // self.n_values
+        values = (inputs[:, :self.n_pairs] - self.pair_offset) % self.n_values
+        asked = inputs[:, self.n_pairs:] - self.query_offset
+        shift = self.key_bits - bits
+        agree = (keys[:, None, :] >> shift) == (asked[:, :, None] >> shift)  # (B, Q, P)
+        votes = (agree[..., None] & (values[:, None, :, None] == torch.arange(self.n_values))).sum(2)  # (B, Q, V)
+        best = votes == votes.max(-1, keepdim=True).values
+        right = best.gather(-1, targets[:, self.n_pairs:, None]).squeeze(-1)
+        return float((right / best.sum(-1)).mean())

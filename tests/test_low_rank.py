@@ -267,3 +267,67 @@ def test_gpt_left_padded_batch_stays_finite_in_every_mode(factory):
     with torch.no_grad():
         torch.testing.assert_close(model(changed, key_padding_mask=padding).logits[real], outputs[-1][real],
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_reference_attention_matrices_are_causal_and_row_stochastic():
+    from common.low_rank import random_causal_attention, uniform_causal_attention
+
+    uniform = uniform_causal_attention(6)
+    assert uniform.shape == (6, 6) and torch.equal(uniform.triu(1), torch.zeros(6, 6))
+    torch.testing.assert_close(uniform.sum(-1), torch.ones(6))
+    torch.testing.assert_close(uniform[3, :4], torch.full((4,), 0.25))
+    # a constant score is the uniform matrix; random scores stay causal and row-stochastic
+    torch.testing.assert_close(random_causal_attention(6, 0.0)[0], uniform)
+    random = random_causal_attention(6, 2.0, n=3, generator=torch.Generator().manual_seed(0))
+    assert random.shape == (3, 6, 6) and torch.equal(random.triu(1), torch.zeros(3, 6, 6))
+    torch.testing.assert_close(random.sum(-1), torch.ones(3, 6))
+    # the uniform causal matrix is full rank, yet most of its energy sits in a few directions
+    assert torch.linalg.matrix_rank(uniform) == 6 and energy_kept(uniform)[1] > 0.8
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="length"):
+            uniform_causal_attention(bad)
+    with pytest.raises(ValueError, match="scale"):
+        random_causal_attention(4, -1.0)
+
+
+def test_keyed_recall_task_has_exactly_k_key_dimensions():
+    from common.tasks import IGNORE, KeyedRecall
+
+    task = KeyedRecall(key_bits=4, n_pairs=10, n_values=3, n_queries=5)
+    inputs, targets = task.sample(6, torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (6, 15) and (targets[:, :10] == IGNORE).all()
+    table, queries = inputs[:, :10] - task.pair_offset, inputs[:, 10:] - task.query_offset
+    keys, values = table // task.n_values, table % task.n_values
+    assert all(len(set(row.tolist())) == 10 for row in keys)  # distinct keys in each table
+    for b in range(6):
+        for q in range(5):
+            (where,) = (keys[b] == queries[b, q]).nonzero()[0]
+            assert targets[b, 10 + q] == values[b, where]
+    embedding = task.embedding(32)
+    assert embedding.shape == (task.vocab_size, 32) and (embedding[:, task.code_width:] == 0).all()
+    pair_rows, query_rows = embedding[task.pair_offset:task.query_offset], embedding[task.query_offset:]
+    # every table token has the same sum and norm (and so has every query): a LayerNorm treats them alike
+    assert pair_rows.sum(1).unique().numel() == 1 and pair_rows.norm(dim=1).unique().numel() == 1
+    assert query_rows.sum(1).unique().numel() == 1 and query_rows.norm(dim=1).unique().numel() == 1
+    assert torch.linalg.matrix_rank(pair_rows[:, :8]) == 4 and torch.linalg.matrix_rank(query_rows) == 4
+    # a rank-k bilinear score (query code -> key code) finds every key
+    c = 2 * task.key_bits
+    score = torch.zeros(32, 32)
+    score[c + task.n_values:2 * c + task.n_values, :c] = torch.eye(c)
+    assert torch.linalg.matrix_rank(score) == c
+    found = (embedding[inputs[:, 10:]] @ score @ embedding[inputs[:, :10]].transpose(1, 2)).argmax(-1)
+    torch.testing.assert_close(keys.gather(1, found), queries)
+    # seeing fewer key bits can only lose accuracy; all k bits are enough
+    seen = [task.accuracy_seeing(b, n_sequences=500) for b in range(5)]
+    assert seen[-1] == 1.0 and all(a <= b + 1e-9 for a, b in zip(seen, seen[1:])) and seen[0] < 0.7
+    config = GPTConfig(vocab_size=task.vocab_size, context_length=task.length, d_model=32, n_layers=1, n_heads=1,
+                       tie_weights=False)
+    model = task.freeze_inputs(GPT(config, attention=gpt_attention(rank=2)))
+    assert not model.token_embedding.weight.requires_grad and not model.position_embedding.weight.requires_grad
+    assert (model.position_embedding.weight == 0).all()
+    with pytest.raises(ValueError, match="d_model"):
+        task.embedding(8)
+    with pytest.raises(ValueError, match="n_pairs"):
+        KeyedRecall(key_bits=2, n_pairs=5)
+    with pytest.raises(ValueError, match="key_bits"):
+        KeyedRecall(key_bits=0)
