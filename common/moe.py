@@ -82,7 +82,7 @@ class MoEConfig:
     aux_loss_weight: float = 1e-2  # Switch load-balancing loss coefficient (alpha)
     z_loss_weight: float = 0.0  # ST-MoE router z-loss coefficient (1e-3 in the paper)
     router: str = "learned"  # "learned" | "hash" (a fixed token-id -> expert table; no balancing losses)
-    gate: str = "straight-through"  # top-1 gate: "probability" (Switch, g = p_i) | "straight-through" (value 1)
+    gate: str = "probability"  # top-1 gate: "probability" (Switch, g = p_i) | "straight-through" (value 1)
     layout: str = "grouped"  # expert inputs: "grouped" (no padding) | "padded" (fixed (E, C, D) buffer)
     hash_seed: int = 0  # seed of the hash tables (router="hash")
 
@@ -379,11 +379,12 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
 
 @dataclass
 class RoutingRecord:
-    """Routing of a model over a token stream."""
+    """Routing of a model over a token stream, and its next-token loss there."""
 
     tokens: torch.Tensor  # (T,) input token ids
     experts: torch.Tensor  # (layers, T) first-choice expert of each token in each layer
     counts: torch.Tensor  # (layers, E) assignments (all K choices) per expert
+    loss: float = float("nan")  # mean next-token cross-entropy (nats), as common.train.evaluate_lm
 
     @property
     def load(self) -> torch.Tensor:
@@ -399,11 +400,31 @@ class RoutingRecord:
         counts = self.counts.double()
         return counts.std(dim=-1, unbiased=False) / counts.mean(dim=-1)
 
+    def token_purity(self) -> torch.Tensor:
+        """(layers,) share of the tokens routed (first choice) to the expert their token id goes to most
+        often: 1 when the routing is a function of the token id alone (a hash), about 1/E when unrelated."""
+        n_experts = self.counts.size(1)
+        purity = []
+        for experts in self.experts:
+            pairs = torch.zeros(int(self.tokens.max()) + 1, n_experts, dtype=torch.long)
+            pairs.index_put_((self.tokens, experts), torch.ones_like(experts), accumulate=True)
+            purity.append(pairs.max(dim=1).values.sum() / self.tokens.numel())
+        return torch.stack(purity).double()
+
+
+def routing_churn(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """(layers,) share of the tokens whose first-choice expert differs between two ``RoutingRecord.experts``
+    of the same tokens (e.g. two evaluation points of one training run)."""
+    if before.shape != after.shape:
+        raise ValueError(f"routings of different token streams: {tuple(before.shape)} vs {tuple(after.shape)}")
+    return (before != after).double().mean(dim=1)
+
 
 @torch.no_grad()
 def record_routing(model: nn.Module, ids: torch.Tensor, context_length: int, batch_size: int = 32,
                    max_tokens: int | None = None) -> RoutingRecord:
-    """Run ``model`` (eval mode) over consecutive windows of ``ids`` and record every MoE layer's routing."""
+    """Run ``model`` (eval mode) over consecutive windows of ``ids`` and record every MoE layer's routing
+    and the model's loss (the same windows and loss as ``common.train.evaluate_lm``: one pass gives both)."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model has no MoEFeedForward layer to record")
@@ -414,12 +435,15 @@ def record_routing(model: nn.Module, ids: torch.Tensor, context_length: int, bat
     model.eval()
     tokens, experts = [], []
     counts = torch.zeros(len(layers), layers[0].config.n_experts, dtype=torch.long)
-    for x, _ in eval_windows(ids, batch_size, context_length):
-        model(x.to(device))
+    total = 0.0
+    for x, y in eval_windows(ids, batch_size, context_length):
+        logits = model(x.to(device)).logits
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").item()
         tokens.append(x.flatten())
         experts.append(torch.stack([m.stats["experts"][:, 0].cpu() for m in layers]))
         counts += torch.stack([torch.bincount(m.stats["experts"].flatten().cpu(), minlength=counts.size(1))
                                for m in layers])
     model.train(was_training)
-    return RoutingRecord(torch.cat(tokens), torch.cat(experts, dim=1), counts)
+    tokens = torch.cat(tokens)
+    return RoutingRecord(tokens, torch.cat(experts, dim=1), counts, total / tokens.numel())
 

@@ -14,7 +14,7 @@ from common.moe import (
     moe_layers,
     record_routing,
 )
-from common.train import lm_loss
+from common.train import evaluate_lm, lm_loss
 
 
 def make_moe(d_model=16, d_ff=32, **overrides) -> MoEFeedForward:
@@ -166,9 +166,11 @@ def test_gpt_with_moe_sums_the_aux_loss_into_the_training_loss():
     assert len(layers) == 2
     torch.testing.assert_close(out.aux_loss, layers[0].aux_loss + layers[1].aux_loss)
     torch.testing.assert_close(lm_loss(model, (x, x)), out.loss + out.aux_loss)
-    record = record_routing(model, torch.randint(0, 30, (100,)), context_length=16, batch_size=4)
+    ids = torch.randint(0, 30, (100,))
+    record = record_routing(model, ids, context_length=16, batch_size=4)
     assert record.experts.shape == (2, 99) and record.counts.sum(-1).tolist() == [2 * 99, 2 * 99]
     assert torch.all(record.max_min_ratio() >= 1)
+    assert record.loss == pytest.approx(evaluate_lm(model, ids, 16, batch_size=4)["loss"])
 
 
 @pytest.mark.parametrize("field, value", [
@@ -321,6 +323,19 @@ def test_routing_record_cv_and_max_min():
     record = RoutingRecord(torch.zeros(1), torch.zeros(2, 1), torch.tensor([[10, 10, 10, 10], [5, 10, 15, 10]]))
     torch.testing.assert_close(record.cv(), torch.tensor([0.0, (12.5 ** 0.5) / 10], dtype=torch.float64))
     torch.testing.assert_close(record.max_min_ratio(), torch.tensor([1.0, 3.0]))
+
+
+def test_token_purity_and_churn():
+    from common.moe import RoutingRecord, routing_churn
+
+    tokens = torch.tensor([0, 1, 0, 1, 2, 2])
+    experts = torch.tensor([[3, 1, 3, 1, 0, 0],   # a function of the token id: purity 1
+                            [3, 1, 2, 1, 0, 1]])  # token 0 -> 3 or 2, token 2 -> 0 or 1: 4 of 6 follow the majority
+    record = RoutingRecord(tokens, experts, torch.ones(2, 4, dtype=torch.long))
+    torch.testing.assert_close(record.token_purity(), torch.tensor([1.0, 4 / 6], dtype=torch.float64))
+    torch.testing.assert_close(routing_churn(experts[:1], experts[1:]), torch.tensor([2 / 6], dtype=torch.float64))
+    with pytest.raises(ValueError, match="different"):
+        routing_churn(experts, experts[:, :3])
 
 
 @pytest.mark.parametrize("field, value", [("router", "random"), ("gate", "soft"), ("layout", "ragged"),
