@@ -127,8 +127,9 @@ class Dispatch:
     """Where each of the K*N assignments (choice-major: a = j * N + n) went."""
 
     buffer: torch.Tensor  # padded: (E, C, D), empty slots zero; grouped: (M, D) kept rows, expert by expert
-    slot: torch.Tensor  # (K*N,) row of the flattened buffer; its number of rows for a dropped assignment
     kept: torch.Tensor  # (K*N,) bool
+    served: torch.Tensor  # (M,) the kept assignments, expert by expert (a grouped buffer's rows, in order)
+    slot: torch.Tensor | None = None  # padded: (K*N,) row of the flattened buffer, E*C for a dropped assignment
     sizes: list[int] | None = None  # grouped: rows of each expert in the buffer
 
 
@@ -210,15 +211,12 @@ class MoEFeedForward(nn.Module):
         position = torch.empty_like(choice)
         position[order] = torch.arange(choice.numel(), device=x.device) - starts[choice[order]]
         kept = position < capacity
-        token = torch.arange(n, device=x.device).repeat(self.config.top_k)  # (K*N,)
+        served = order[kept[order]]  # the kept assignments, expert by expert; assignment a is token a % N
         if self.config.layout == "padded":
             slot = torch.where(kept, choice * capacity + position, e * capacity)  # E*C: the discard row
-            buffer = x.new_zeros(e * capacity + 1, d).index_copy(0, slot, x[token])
-            return Dispatch(buffer[:-1].view(e, capacity, d), slot, kept)
-        served = order[kept[order]]  # the kept assignments, expert by expert
-        slot = torch.full_like(choice, served.numel())  # M: the discard row
-        slot[served] = torch.arange(served.numel(), device=x.device)
-        return Dispatch(x[token[served]], slot, kept, counts.clamp(max=capacity).tolist())
+            buffer = x.new_zeros(e * capacity + 1, d).index_copy(0, slot[served], x[served % n])
+            return Dispatch(buffer[:-1].view(e, capacity, d), kept, served, slot=slot)
+        return Dispatch(x[served % n], kept, served, sizes=counts.clamp(max=capacity).tolist())
 
     def experts(self, h: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
         """expert_i(x) = W_2,i GELU(W_1,i x + b_1,i) + b_2,i on each expert's rows: (E, C, D) -> (E, C, D)
@@ -238,10 +236,12 @@ class MoEFeedForward(nn.Module):
 
     def combine(self, y: torch.Tensor, dispatch: Dispatch, gates: torch.Tensor) -> torch.Tensor:
         """Expert outputs -> (N, D): y(x) = sum_{i in top-k} g_i(x) expert_i(x); dropped -> 0."""
-        k, n = gates.shape[1], gates.shape[0]
-        rows = torch.cat([y.reshape(-1, y.size(-1)), y.new_zeros(1, y.size(-1))])  # the discard row reads as zero
-        picked = rows[dispatch.slot].view(k, n, -1)  # (K, N, D)
-        return (picked * gates.t().unsqueeze(-1).to(y.dtype)).sum(dim=0)
+        n = gates.size(0)
+        rows = y.reshape(-1, y.size(-1))
+        if dispatch.slot is not None:  # padded: the kept assignments' rows of the (E*C, D) outputs
+            rows = rows[dispatch.slot[dispatch.served]]
+        weights = gates.t().reshape(-1)[dispatch.served].to(y.dtype)  # g of each kept assignment, (M,)
+        return y.new_zeros(n, y.size(-1)).index_add(0, dispatch.served % n, rows * weights[:, None])
 
     def balance_losses(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Switch load-balancing loss, ST-MoE z-loss (scalars; 0 for a hash router) and the load f (E,)."""
