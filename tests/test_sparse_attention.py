@@ -186,3 +186,18 @@ def test_flex_refuses_a_backward_on_the_cpu():
         attend(q, k, v)
     q, k, v = (t.detach() for t in (q, k, v))  # forward only is fine, and equals the blocked kernel
     torch.testing.assert_close(attend(q, k, v), sliding_window_attention(q, k, v, 8), atol=1e-5, rtol=1e-5)
+
+
+def test_distance_recall_plants_one_value_at_distance_d():
+    from common.tasks import IGNORE, distance_recall
+
+    x, y = distance_recall(20, [7], n_values=5, n_noise=9)(64, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (64, 20)
+    assert (x[:, -1] == 0).all() and (y[:, :-1] == IGNORE).all()
+    assert (x[:, 20 - 1 - 7] == y[:, -1]).all() and ((y[:, -1] >= 1) & (y[:, -1] <= 5)).all()
+    values_elsewhere = (x[:, :-1] >= 1) & (x[:, :-1] <= 5)
+    assert (values_elsewhere.sum(1) == 1).all()  # one value per sequence, the rest noise
+    with pytest.raises(ValueError, match="distances"):
+        distance_recall(20, [0, 5])
+    with pytest.raises(ValueError, match="distances"):
+        distance_recall(20, [20])
