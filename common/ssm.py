@@ -208,73 +208,161 @@ def sequential_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: to
 
 def chunked_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  h0: torch.Tensor | None = None, chunk: int | None = None,
-                 block_elements: int = 2**21) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked parallel scan, same contract as ``sequential_scan``.
+                 block_elements: int = 2**19) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked parallel scan with a hand-written backward pass; same contract as ``sequential_scan``.
 
-    The sequence is processed in blocks of G positions (G chosen so that a (B, G, E, N)
-    tensor holds at most ``block_elements`` numbers: memory stays O(block_elements), never
-    O(B L E N)); the state is carried from block to block. Inside a block
-    (``_chunked_scan_block``) every position runs in parallel except ~3√G short steps.
+    The sequence is processed in blocks of G positions (G chosen so that a (B, G, N, E) tensor
+    holds at most ``block_elements`` numbers: memory stays O(block_elements + B L E), never
+    O(B L E N)); the state is carried from block to block. Inside a block (``_linear_scan``)
+    every position runs in parallel except ~2√G + √G short steps. The backward pass does not
+    store the states: it recomputes each block's from the state that entered it and runs the
+    adjoint recurrence backwards (as the official CUDA kernel does).
     """
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
     if not isinstance(block_elements, int) or block_elements < 1:
         raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}")
-    batch, length, _ = x.shape
-    group = max(1, min(length, block_elements // (batch * A.numel())))
-    h = _zero_state(x, A, (batch,)) if h0 is None else h0
-    ys = []
-    for start in range(0, length, group):
-        part = slice(start, start + group)
-        y, h = _chunked_scan_block(x[:, part], delta[:, part], A, B[:, part], C[:, part], h, chunk)
-        ys.append(y)
-    return torch.cat(ys, dim=1), h
+    if h0 is None:
+        h0 = _zero_state(x, A, (x.size(0),))
+    return _SelectiveScan.apply(x, delta, A, B, C, h0, chunk, block_elements)
 
 
-def _chunked_scan_block(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                        h0: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block of G positions, cut into M chunks of T (T = ceil(√G) by default).
+def _linear_scan(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor, T: int, decay: torch.Tensor,
+                 reverse: bool = False) -> torch.Tensor:
+    """Solves s_t = a_t ⊙ s_{t-1} + u_t in place (u becomes the states s), from s_{-1} = h.
 
-    The recurrence h_t = Ā_t h_{t-1} + u_t (u_t = Δ_t B_t x_t) is solved in three passes:
+    a, u (G, B, N, E), time first, with G a multiple of T = G / M; h (B, N, E); ``decay`` (M, B, N, E)
+    each chunk's product Π_t a_t (for Ā = exp(ΔA): exp(A Σ_t Δ_t), M exps per T positions). Returns
+    the last state.
+    With ``reverse`` the recurrence runs from the end, s_t = a_t ⊙ s_{t+1} + u_t from s_G = h (the
+    adjoint of the forward recurrence). The G positions form M chunks of T, in three passes:
 
-    1. all chunks at once, each from a zero state: T steps on (B, M, E, N) tensors give
-       the local states h^loc_t and outputs C_t · h^loc_t;
-    2. across chunks: the state entering chunk m is H_m = P_{m-1} H_{m-1} + h^loc_end(m-1),
-       with P = Π_t Ā_t = exp(A Σ_t Δ_t) a chunk's decay (M small steps);
-    3. all chunks at once again: y_t += C_t · (Π_{s≤t} Ā_s ⊙ H_m), the entering state
-       decayed to position t (T steps).
-
-    Ā and u are computed for the whole block in two vectorised calls; every decay is a
-    product of factors in (0, 1], so nothing overflows (unlike an exp(-cumsum) factorisation).
+    1. every chunk at once, from a zero state: T short steps give each chunk's local end state;
+    2. across chunks: the state entering chunk m is H_m = P_{m-1} ⊙ H_{m-1} + (local end of m-1),
+       with P = Π_t a_t the chunk's decay (M short steps);
+    3. every chunk at once again, now from its true entering state, in place (T short steps).
     """
-    batch, length, _ = x.shape
-    T = chunk or math.ceil(math.sqrt(length))
-    M = math.ceil(length / T)
-    pad = M * T - length  # padding positions: Ā = 1 and u = 0, so the state passes through unchanged
+    M = u.size(0) // T
+    a_t, u_t = a.view(M, T, *a.shape[1:]).unbind(1), u.view(M, T, *u.shape[1:]).unbind(1)  # T views (M, B, N, E)
+    order = list(range(T - 1, -1, -1) if reverse else range(T))
+    local = u_t[order[0]].clone()  # pass 1: each chunk's local end state, from zero
+    for t in order[1:]:
+        local = torch.addcmul(u_t[t], a_t[t], local)
+    entering = torch.empty_like(local)
+    for m in (range(M - 1, -1, -1) if reverse else range(M)):  # pass 2: carry across chunks
+        entering[m] = h
+        h = torch.addcmul(local[m], decay[m], h)
+    u_t[order[0]].addcmul_(a_t[order[0]], entering)  # pass 3: s_t = a_t s_{t∓1} + u_t, in place
+    for previous, t in zip(order, order[1:]):
+        u_t[t].addcmul_(a_t[t], u_t[previous])
+    return h
 
-    def chunks(t: torch.Tensor, value: float = 0.0) -> torch.Tensor:  # (B, G, …) -> (B, M, T, …)
-        if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad), value=value)
-        return t.view(batch, M, T, *t.shape[2:])
 
-    A_bar = chunks(torch.exp(delta[..., None] * A), value=1.0)  # Ā_t = exp(Δ_t A)  (ZOH), (B, M, T, E, N)
-    u = chunks((delta * x)[..., None] * B[..., None, :])  # u_t = Δ_t B_t x_t  (Euler for B)
-    C = chunks(C)  # (B, M, T, N)
-    h = _zero_state(x, A, (batch, M))
-    ys = []
-    for t in range(T):  # pass 1
-        h = A_bar[:, :, t] * h + u[:, :, t]  # h_t = Ā_t h_{t-1} + u_t, every chunk at once
-        ys.append(torch.einsum("bmen,bmn->bme", h, C[:, :, t]))  # y_t = C_t · h_t
-    chunk_decay = torch.exp(chunks(delta).sum(2)[..., None] * A)  # P_m = exp(A Σ_t Δ_t), (B, M, E, N)
-    carry, entering = h0, []
-    for m in range(M):  # pass 2
-        entering.append(carry)
-        carry = chunk_decay[:, m] * carry + h[:, m]  # H_{m+1} = P_m H_m + h^loc_end(m)
-    decayed = torch.stack(entering, dim=1)  # (B, M, E, N)
-    for t in range(T):  # pass 3
-        decayed = A_bar[:, :, t] * decayed  # Π_{s≤t} Ā_s ⊙ H_m
-        ys[t] = ys[t] + torch.einsum("bmen,bmn->bme", decayed, C[:, :, t])
-    return torch.stack(ys, dim=2).view(batch, M * T, -1)[:, :length], carry
+class _SelectiveScan(torch.autograd.Function):
+    """y_t = C_t · h_t, h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t, block by block. Inside a block the
+    states are (G, B, N, E) tensors: time first (a shifted view stays contiguous), E innermost (the
+    read-out C_t · h_t is one batched (1, N) @ (N, E) product)."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, h0, chunk, block_elements):
+        batch, length, E = x.shape
+        N = A.size(1)
+        group = max(1, min(length, block_elements // (batch * N * E)))
+        T = chunk or math.ceil(math.sqrt(group))
+        group = max(T, group // T * T)  # a whole number of chunks
+        At = A.t().contiguous()  # (N, E)
+        h = h0.transpose(1, 2).contiguous()  # (B, N, E)
+        y = x.new_empty(batch, length, E)
+        a_buffer, u_buffer = x.new_empty(group, batch, N, E), x.new_empty(group, batch, N, E)
+        entering = []
+        for start in range(0, length, group):
+            entering.append(h)
+            d, dx, b, c, keep = _block_inputs(x, delta, B, C, start, group, T)
+            G = d.size(0)
+            a, u = a_buffer[:G], u_buffer[:G]
+            torch.mul(d[:, :, None, :], At, out=a).exp_()  # Ā_t = exp(Δ_t A)  (ZOH)
+            torch.mul(dx[:, :, None, :], b[..., None], out=u)  # u_t = Δ_t B_t x_t  (Euler for B)
+            h = _linear_scan(a, u, h, T, _chunk_decay(d, At, T))  # u now holds the states h_t
+            out = torch.bmm(c.view(-1, 1, N), u.view(-1, N, E))  # y_t = C_t · h_t, (G B, 1, E)
+            y[:, start:start + keep] = out.view(G, batch, E)[:keep].transpose(0, 1)
+        ctx.save_for_backward(x, delta, A, B, C, torch.stack(entering))
+        ctx.sizes = (group, T)
+        return y, h.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h):
+        x, delta, A, B, C, entering = ctx.saved_tensors
+        group, T = ctx.sizes
+        batch, length, E = x.shape
+        N = A.size(1)
+        At = A.t().contiguous()
+        grad_y = torch.zeros_like(x) if grad_y is None else grad_y
+        # ∂loss/∂(the state after the current block), (B, N, E)
+        carry = torch.zeros_like(entering[0]) if grad_h is None else grad_h.transpose(1, 2).contiguous()
+        grads = {name: torch.zeros_like(t) for name, t in (("x", x), ("delta", delta), ("B", B), ("C", C))}
+        grad_At = torch.zeros_like(At)
+        starts = list(range(0, length, group))
+        for index in range(len(starts) - 1, -1, -1):
+            start = starts[index]
+            d, dx, b, c, keep = _block_inputs(x, delta, B, C, start, group, T)
+            G = d.size(0)
+            gy = _time_first(grad_y, start, keep, G)  # (G, B, E)
+            # recompute the states: states[0] = the state entering the block, states[1:] = h_0 … h_{G-1}
+            a = torch.mul(d[:, :, None, :], At).exp_()
+            states = x.new_empty(G + 1, batch, N, E)
+            states[0] = entering[index]
+            torch.mul(dx[:, :, None, :], b[..., None], out=states[1:])
+            decay = _chunk_decay(d, At, T)
+            _linear_scan(a, states[1:], entering[index], T, decay)
+            # The adjoint λ_t = ∂loss/∂h_t = g_t + Ā_{t+1} λ_{t+1}, g_t = C_t ⊗ ∂loss/∂y_t. With μ_t = Ā_t ⊙ λ_t
+            # (∂loss/∂h_{t-1} through step t): μ_t = Ā_t ⊙ μ_{t+1} + Ā_t ⊙ g_t, a reverse scan.
+            # mu[0 … G-1] = μ_0 … μ_{G-1}; mu[G] = μ_G, the carry from the next block.
+            mu = x.new_empty(G + 1, batch, N, E)
+            mu[G] = carry
+            torch.mul(gy[:, :, None, :], c[..., None], out=mu[:G]).mul_(a)
+            carry = _linear_scan(a, mu[:G], carry, T, decay, reverse=True)  # μ_0 = ∂loss/∂(state entering)
+            later = mu[1:].view(-1, N, E)  # μ_{t+1}: λ_t = g_t + μ_{t+1}
+            # ∂loss/∂u_t = λ_t, contracted with B_t over n and with Δ_t x_t over e
+            lam_B = (torch.bmm(b.view(-1, 1, N), later).view(G, batch, E)
+                     + (c * b).sum(-1, keepdim=True) * gy)
+            lam_dx = (torch.linalg.vecdot(later.view(G, batch, N, E), dx[:, :, None, :])
+                      + c * (gy * dx).sum(-1, keepdim=True))
+            z = mu[:G].mul_(states[:G])  # ∂loss/∂(Δ_t A) = λ_t ⊙ Ā_t ⊙ h_{t-1} = μ_t ⊙ h_{t-1}
+            grad_x = lam_B * d  # ∂u_t/∂x_t = Δ_t B_t
+            grad_d = lam_B.mul_(_time_first(x, start, keep, G))  # through u_t = Δ_t x_t B_t ...
+            for n in range(N):  # ... and through Δ_t A: Σ_n z_n A_n
+                grad_d.addcmul_(z[:, :, n], At[n])
+            grad_At += z.mul_(d[:, :, None, :]).sum((0, 1))  # Σ_t z_t Δ_t
+            grad_C = torch.linalg.vecdot(states[1:], gy[:, :, None, :])  # Σ_e h_t gy_t, (G, B, N)
+            span = slice(start, start + keep)
+            grads["delta"][:, span] = grad_d[:keep].transpose(0, 1)
+            grads["x"][:, span] = grad_x[:keep].transpose(0, 1)
+            grads["B"][:, span] = lam_dx[:keep].transpose(0, 1)
+            grads["C"][:, span] = grad_C[:keep].transpose(0, 1)
+        return (grads["x"], grads["delta"], grad_At.t(), grads["B"], grads["C"],
+                carry.transpose(1, 2), None, None)
+
+
+def _chunk_decay(d: torch.Tensor, At: torch.Tensor, T: int) -> torch.Tensor:
+    """Each chunk's decay Π_t Ā_t = exp(A Σ_t Δ_t): d (G, B, E), At (N, E) -> (G / T, B, N, E)."""
+    return torch.exp(d.view(-1, T, *d.shape[1:]).sum(1)[:, :, None, :] * At)
+
+
+def _time_first(t: torch.Tensor, start: int, keep: int, length: int) -> torch.Tensor:
+    """Positions start … start+keep-1 of t (B, L, …) as (length, B, …), zero-padded after ``keep``."""
+    part = t[:, start:start + keep].transpose(0, 1)
+    if keep < length:
+        part = F.pad(part, (0, 0) * (t.dim() - 2) + (0, 0, 0, length - keep))
+    return part.contiguous()
+
+
+def _block_inputs(x, delta, B, C, start, group, T):
+    """A block's Δ, Δ ⊙ x, B and C, time first (G, B, …), zero-padded to a multiple G of T (Δ = 0 there:
+    Ā = 1 and u = 0, so the state passes through unchanged), and the number of real positions."""
+    keep = min(group, x.size(1) - start)
+    G = math.ceil(keep / T) * T
+    d = _time_first(delta, start, keep, G)
+    return d, d * _time_first(x, start, keep, G), _time_first(B, start, keep, G), _time_first(C, start, keep, G), keep
 
 
 SCANS = ("chunked", "sequential")
@@ -296,6 +384,7 @@ class MambaConfig:
     dt_max: float = 1e-1
     scan: str = "chunked"  # "chunked" (parallel) | "sequential" (reference)
     chunk: int | None = None  # T of the chunked scan; default ceil(sqrt(G)), G the block length
+    mimetic_init: bool = False  # W_C = W_B and A ≈ 0 at initialisation (Trockman et al. 2024)
 
     def __post_init__(self):
         for name in ("expand", "state_size", "conv_width"):
@@ -309,6 +398,8 @@ class MambaConfig:
         _check_dt_range("MambaConfig", self.dt_min, self.dt_max)
         if self.scan not in SCANS:
             raise ValueError(f"MambaConfig.scan must be one of {SCANS}, got {self.scan!r}")
+        if not isinstance(self.mimetic_init, bool):
+            raise ValueError(f"MambaConfig.mimetic_init must be True or False, got {self.mimetic_init!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -342,11 +433,42 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(E))
         no_weight_decay(self.A_log)  # the state matrix A: dynamics, not weights
         self.out_proj = nn.Linear(E, d_model, bias=False)
+        self.reset_selection()
+
+    def reset_selection(self) -> None:
+        """Mamba's initialisation of the selection path x -> Δ: W_r (x_proj) PyTorch's default, W_Δ
+        (dt_proj) uniform in ±R^(-1/2). With both at a small std (0.02, a GPT's default for every
+        Linear) Δ barely depends on the input and the product of two small weights barely learns.
+
+        With ``mimetic_init`` (Trockman et al. 2024, "Mimetic initialization helps state space models
+        learn to recall"): W_C = W_B, so C_t · B_s = x_t^T W_B^T W_B x_s starts like an attention
+        score of a token with itself, and A = -e^{-4} ≈ -0.018 for every state, so Ā_t = exp(Δ_t A) ≈ 1:
+        the state starts with a long memory instead of S4D-Real's A = -(1 … N)."""
+        self.x_proj.reset_parameters()
+        bound = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        if self.config.mimetic_init:
+            R, N = self.dt_rank, self.config.state_size
+            with torch.no_grad():
+                self.x_proj.weight[R + N:] = self.x_proj.weight[R:R + N]  # W_C = W_B
+                self.A_log.fill_(-4.0)  # A = -exp(A_log)
 
     def selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (…, E) -> Δ (…, E) > 0, B (…, N), C (…, N): the input-dependent SSM parameters."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.config.state_size, self.config.state_size], dim=-1)
-        return F.softplus(self.dt_proj(dt) + self.dt_bias), B, C  # Δ = softplus(W_Δ W_r x + b_Δ)
+        return F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_bias)), B, C  # Δ = softplus(W_Δ W_r x + b_Δ)
+
+    def causal_conv(self, x_padded: torch.Tensor) -> torch.Tensor:
+        """The depthwise causal convolution as K shifted multiply-adds: (B, K-1+L, E) -> (B, L, E).
+
+        out_t = b + Σ_k w_k x_{t-K+1+k}; K passes over (B, L, E), cheaper on a CPU than Conv1d's
+        transposes to (B, E, L) and back."""
+        K, length = self.config.conv_width, x_padded.size(1) - self.config.conv_width + 1
+        w = self.conv.weight[:, 0]  # (E, K)
+        out = torch.addcmul(self.conv.bias, x_padded[:, K - 1:], w[:, K - 1])
+        for k in range(K - 1):
+            out.addcmul_(x_padded[:, k:k + length], w[:, k])
+        return out
 
     def forward(self, u: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
         """u (B, L, D) and the state after earlier positions (or None) -> (B, L, D) and the new state."""
@@ -354,7 +476,7 @@ class Mamba(nn.Module):
         K = self.config.conv_width
         history = x.new_zeros(x.size(0), K - 1, x.size(2)) if state is None else state[0]
         x_padded = torch.cat([history, x], dim=1)  # (B, K-1+L, E): position t sees t-K+1 … t
-        x = F.silu(self.conv(x_padded.transpose(1, 2)).transpose(1, 2))  # (B, L, E)
+        x = F.silu(self.causal_conv(x_padded))  # (B, L, E)
         delta, B, C = self.selection(x)
         A = -torch.exp(self.A_log)  # (E, N), negative real: a decaying state
         h0 = None if state is None else state[1]
@@ -362,7 +484,7 @@ class Mamba(nn.Module):
             y, h = chunked_scan(x, delta, A, B, C, h0, self.config.chunk)
         else:
             y, h = sequential_scan(x, delta, A, B, C, h0)
-        y = (y + self.D * x) * F.silu(z)  # skip D x, then the gate SiLU(z)
+        y = torch.addcmul(y, x, self.D) * F.silu(z)  # skip D x, then the gate SiLU(z)
         return self.out_proj(y), (x_padded[:, x_padded.size(1) - (K - 1):], h)
 
     def step(self, u: torch.Tensor, state: MambaState | None) -> tuple[torch.Tensor, MambaState]:
@@ -475,7 +597,21 @@ def mamba_block(mamba: MambaConfig):
 
 
 class SSMGPT(GPT):
-    """``common.model.GPT`` with SSM blocks; only the cache differs, so ``common.generate`` works."""
+    """``common.model.GPT`` with SSM blocks; only the cache differs, so ``common.generate`` works.
+
+    No position embedding: a recurrence knows the order of its inputs, and a learned table would stop
+    it at ``context_length`` (untrained rows beyond the training length). The table stays (zero, frozen)
+    so the GPT code is unchanged. GPT's initialisation (every Linear at std 0.02) is kept, except
+    Mamba's selection path, which gets its own back (``Mamba.reset_selection``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        nn.init.zeros_(self.position_embedding.weight)
+        self.position_embedding.weight.requires_grad_(False)
+        for module in self.modules():
+            if isinstance(module, Mamba):
+                module.reset_selection()
 
     def new_cache(self, max_length: int | None = None) -> SSMCache:
         return SSMCache(self.config.n_layers)
