@@ -209,3 +209,61 @@ class KeyedRecall:
         best = votes == votes.max(-1, keepdim=True).values
         right = best.gather(-1, targets[:, self.n_pairs:, None]).squeeze(-1)
         return float((right / best.sum(-1)).mean())
+
+
+class SelectiveCopying:
+    """Selective copying (Gu & Dao 2023, section 4.1): ``n_tokens`` data tokens at random positions among
+    noise, then ``n_tokens`` markers; at the i-th marker the target is the i-th data token.
+
+    The gaps between data tokens change from sequence to sequence, so a time-invariant model (a fixed
+    convolution kernel) cannot skip the noise; a model whose update depends on the token can.
+    Vocabulary: 0 noise, 1 … ``n_symbols`` data tokens, ``n_symbols + 1`` the marker. ``length`` counts
+    every position, markers included. Chance: 1 / ``n_symbols``.
+    """
+
+    def __init__(self, length: int = 256, n_tokens: int = 16, n_symbols: int = 16):
+        for name, value, low in [("length", length, 2), ("n_tokens", n_tokens, 1), ("n_symbols", n_symbols, 2)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if length < 2 * n_tokens:
+            raise ValueError(f"length must be >= 2 * n_tokens = {2 * n_tokens} (tokens, then markers), got {length}")
+        self.length, self.n_tokens, self.n_symbols = length, n_tokens, n_symbols
+        self.marker, self.vocab_size, self.chance = n_symbols + 1, n_symbols + 2, 1 / n_symbols
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (B, length); targets (B, length), IGNORE except at the markers."""
+        span = self.length - self.n_tokens  # where the data tokens may sit
+        positions = torch.rand(batch_size, span, generator=generator).argsort(-1)[:, :self.n_tokens].sort(-1).values
+        tokens = torch.randint(1, self.n_symbols + 1, (batch_size, self.n_tokens), generator=generator)
+        x = torch.zeros(batch_size, self.length, dtype=torch.long).scatter_(1, positions, tokens)
+        x[:, span:] = self.marker
+        y = torch.full_like(x, IGNORE)
+        y[:, span:] = tokens
+        return x, y
+
+
+class InductionHeads:
+    """Induction heads (Gu & Dao 2023, section 4.1): random tokens; a trigger token once, at a random
+    position, followed by some token; the sequence ends with the trigger again, whose target is that token.
+
+    Vocabulary: 0 … ``n_symbols`` - 1 random tokens, ``n_symbols`` the trigger. Build one instance per
+    length to test a model trained at one length on longer ones. Chance: 1 / ``n_symbols``.
+    """
+
+    def __init__(self, length: int = 256, n_symbols: int = 16):
+        for name, value, low in [("length", length, 4), ("n_symbols", n_symbols, 2)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.length, self.n_symbols = length, n_symbols
+        self.trigger, self.vocab_size, self.chance = n_symbols, n_symbols + 1, 1 / n_symbols
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (B, length); targets (B, length), IGNORE except at the last position."""
+        x = torch.randint(0, self.n_symbols, (batch_size, self.length), generator=generator)
+        where = torch.randint(0, self.length - 2, (batch_size,), generator=generator)  # the first trigger
+        rows = torch.arange(batch_size)
+        x[rows, where] = self.trigger
+        x[:, -1] = self.trigger
+        y = torch.full_like(x, IGNORE)
+        y[:, -1] = x[rows, where + 1]
+        return x, y
