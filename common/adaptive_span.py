@@ -18,9 +18,11 @@ That is exactly softmax(s + log m), so the fast path hands log m to
 paper's multiply-then-renormalise literally and returns the weights). The L1 penalty
 λ/H Σ_h z_h is left in ``aux_loss``, which ``GPT`` adds to its loss.
 
-Trimming: a key farther than w = ⌈max_h z_h + R⌉ has weight 0 in every head, so the layer
-never computes it. Queries are cut into blocks of size b = ⌈w/2⌉, and each block attends only
-to its own keys and the ⌈(w-1)/b⌉ = 2 blocks before it: about 1.5·L·w query-key pairs instead of L·S.
+Trimming: a key farther than w_h = ⌈z_h + R⌉ has weight 0 in head h, so the head never
+computes it. Queries are cut into blocks of size b = ⌈w/2⌉, and each block attends only to its
+own keys and the ⌈(w-1)/b⌉ = 2 blocks before it: about 1.5·L·w query-key pairs instead of L·S.
+Heads are trimmed each to their own window (heads with the same plan share one call), so a
+layer with one long head and three short ones pays for one long head, not four.
 
 z is stored as the fraction z / Z (parameter ``span_fraction``), so Adam moves a span by
 about lr·Z positions per step whatever Z is. Stored in positions, an lr of 1e-3 would move
@@ -67,14 +69,16 @@ class AdaptiveSpanAttention(MultiHeadAttention):
         ramp: R, the width of the soft edge of the mask (the paper uses 32).
         init_span: z of every head at initialisation, in positions, in [0, max_span].
         penalty: λ of the L1 penalty λ/H Σ_h z_h (loss units per position of span).
-        trim: skip the keys beyond the largest span (same outputs, less work).
+        trim: skip the keys beyond each head's span (same outputs, less work).
+        learn_span: False freezes every span at ``init_span`` (a fixed window with the same soft edge,
+            stored as a buffer, so no optimiser sees it).
 
     After ``forward``, ``aux_loss`` holds the penalty of this layer (a scalar tensor).
     """
 
     def __init__(self, d_model: int, n_heads: int, max_span: int, ramp: int = 32, init_span: float = 0.0,
                  penalty: float = 0.0, dropout: float = 0.0, bias: bool = True, backend: str = "sdpa",
-                 layer_index: int = 0, trim: bool = True):
+                 layer_index: int = 0, trim: bool = True, learn_span: bool = True):
         super().__init__(d_model, n_heads, dropout, bias, causal=True, backend=backend, layer_index=layer_index)
         if not isinstance(max_span, int) or max_span < 1:
             raise ValueError(f"max_span must be a positive integer, got {max_span!r}")
@@ -85,7 +89,12 @@ class AdaptiveSpanAttention(MultiHeadAttention):
         if penalty < 0:
             raise ValueError(f"penalty must be >= 0, got {penalty}")
         self.max_span, self.ramp, self.penalty, self.trim = max_span, ramp, penalty, trim
-        self.span_fraction = nn.Parameter(torch.full((n_heads,), init_span / max_span))  # z / Z
+        fraction = torch.full((n_heads,), init_span / max_span)  # z / Z
+        if learn_span:
+            self.span_fraction = nn.Parameter(fraction)
+        else:
+            self.register_buffer("span_fraction", fraction)
+        self.learn_span = learn_span
         self.aux_loss: torch.Tensor | None = None
 
     @property
@@ -94,18 +103,23 @@ class AdaptiveSpanAttention(MultiHeadAttention):
         return self.span_fraction.detach().clamp(0.0, 1.0) * self.max_span
 
     def key_window(self, key_length: int) -> int:
-        """w: keys a query needs, ⌈max_h z_h + R⌉ (m_z(x) = 0 from x = z + R on), at most S."""
-        return min(key_length, math.ceil(self.spans.max().item() + self.ramp))
+        """w: keys the longest head needs, ⌈max_h z_h + R⌉ (m_z(x) = 0 from x = z + R on), at most S."""
+        return max(self.head_windows(key_length))
 
-    def block_plan(self, query_length: int, key_length: int) -> tuple[int, int] | None:
-        """(block b, earlier blocks p) for the trimmed path, or None when dense is cheaper.
+    def head_windows(self, key_length: int) -> list[int]:
+        """w_h = ⌈z_h + R⌉ for every head, at most S: the keys head h needs per query."""
+        return [min(key_length, math.ceil(z + self.ramp)) for z in self.spans.tolist()]
+
+    def block_plan(self, query_length: int, key_length: int, window: int | None = None) -> tuple[int, int] | None:
+        """(block b, earlier blocks p) for a trimmed head of ``window`` keys (default: the longest
+        head's), or None when dense is cheaper.
 
         Blocks of b queries see their own b keys and the p·b before them, p = ⌈(w-1)/b⌉.
         Only self-attention without a cache (L == S) is blocked.
         """
         if not self.trim or query_length != key_length:
             return None
-        window = self.key_window(key_length)
+        window = self.key_window(key_length) if window is None else window
         block = math.ceil(window / 2)
         before = math.ceil((window - 1) / block)
         n_blocks = math.ceil(query_length / block)
@@ -113,18 +127,24 @@ class AdaptiveSpanAttention(MultiHeadAttention):
             return None
         return block, before
 
-    def attention_pairs(self, query_length: int, key_length: int | None = None) -> int:
-        """Query-key pairs that ``attend`` computes per head and sequence at the current spans."""
+    def head_plans(self, query_length: int, key_length: int) -> list[tuple[int, int] | None]:
+        """The block plan of every head (None: that head runs dense)."""
+        return [self.block_plan(query_length, key_length, w) for w in self.head_windows(key_length)]
+
+    def head_pairs(self, query_length: int, key_length: int | None = None) -> list[int]:
+        """Query-key pairs that ``attend`` computes for each head, per sequence, at the current spans."""
         key_length = query_length if key_length is None else key_length
-        plan = self.block_plan(query_length, key_length)
-        if plan is None:
-            return query_length * key_length
-        block, before = plan
-        return math.ceil(query_length / block) * block * (before + 1) * block
+        return [query_length * key_length if plan is None
+                else math.ceil(query_length / plan[0]) * plan[0] * (plan[1] + 1) * plan[0]
+                for plan in self.head_plans(query_length, key_length)]
+
+    def attention_pairs(self, query_length: int, key_length: int | None = None) -> int:
+        """Query-key pairs that ``attend`` computes per sequence, summed over the heads."""
+        return sum(self.head_pairs(query_length, key_length))
 
     def attention_flops(self, batch: int, query_length: int) -> int:
         """FLOPs of q kᵀ and a v: 2 matmuls × 2 FLOPs per multiply-add, per computed pair."""
-        return 4 * batch * self.n_heads * self.head_dim * self.attention_pairs(query_length)
+        return 4 * batch * self.head_dim * self.attention_pairs(query_length)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_padding_mask: torch.Tensor | None, need_weights: bool
@@ -136,10 +156,28 @@ class AdaptiveSpanAttention(MultiHeadAttention):
         self.aux_loss = self.penalty * spans.mean()  # λ/H Σ_h z_h
         if self.backend == "explicit" or need_weights:
             return self._explicit(q, k, v, spans, key_padding_mask)
-        plan = self.block_plan(q.size(-2), k.size(-2)) if key_padding_mask is None else None
-        if plan is not None:
-            return self._blocked(q, k, v, spans, *plan), None
-        return self._dense(q, k, v, spans, key_padding_mask), None
+        if key_padding_mask is not None:
+            return self._dense(q, k, v, spans, key_padding_mask), None
+        plans = self.head_plans(q.size(-2), k.size(-2))
+        groups: dict[tuple[int, int] | None, list[int]] = {}
+        for head, plan in enumerate(plans):
+            groups.setdefault(plan, []).append(head)  # heads with the same plan share one call
+        parts, order = [], []
+        for plan, heads in groups.items():
+            if len(groups) == 1:
+                part_q, part_k, part_v, part_z = q, k, v, spans
+            else:
+                index = torch.tensor(heads, device=q.device)
+                part_q, part_k, part_v, part_z = (t.index_select(-3 if t.dim() > 1 else 0, index)
+                                                  for t in (q, k, v, spans))
+            parts.append(self._dense(part_q, part_k, part_v, part_z, None) if plan is None
+                         else self._blocked(part_q, part_k, part_v, part_z, *plan))
+            order += heads
+        if len(parts) == 1:
+            return parts[0], None
+        inverse = torch.empty(len(order), dtype=torch.long, device=q.device)
+        inverse[torch.tensor(order, device=q.device)] = torch.arange(len(order), device=q.device)
+        return torch.cat(parts, dim=-3).index_select(-3, inverse), None  # back to head order
 
     def _distances(self, query_length: int, key_length: int, device) -> torch.Tensor:
         """x = i - j (L, S) for queries that are the last L of S positions."""
@@ -187,15 +225,20 @@ class AdaptiveSpanAttention(MultiHeadAttention):
 
 
 def adaptive_span_factory(max_span: int, ramp: int = 32, init_span: float = 0.0, penalty: float = 0.0,
-                          trim: bool = True):
+                          trim: bool = True, learn_span: bool = True):
     """An ``attention=`` factory for ``GPT``: every layer an ``AdaptiveSpanAttention``."""
 
     def factory(config, layer_index: int) -> AdaptiveSpanAttention:
         return AdaptiveSpanAttention(
             config.d_model, config.n_heads, max_span, ramp, init_span, penalty, config.dropout,
-            config.bias, config.attention_backend, layer_index, trim)
+            config.bias, config.attention_backend, layer_index, trim, learn_span)
 
     return factory
+
+
+def fixed_span_factory(span: float, max_span: int, ramp: int = 32, trim: bool = True):
+    """A fixed window: every head of every layer keeps span ``span`` (same soft edge, not learned)."""
+    return adaptive_span_factory(max_span, ramp, init_span=span, penalty=0.0, trim=trim, learn_span=False)
 
 
 def span_layers(model: nn.Module) -> list[AdaptiveSpanAttention]:
@@ -210,5 +253,6 @@ def model_spans(model: nn.Module) -> torch.Tensor:
 
 def span_param_group(model: nn.Module, lr_scale: float = 1.0) -> dict:
     """A ``param_groups`` entry for ``train``: the span fractions, no weight decay, own lr scale."""
-    return {"params": [layer.span_fraction for layer in span_layers(model)], "weight_decay": 0.0,
+    return {"params": [layer.span_fraction for layer in span_layers(model) if layer.learn_span],
+            "weight_decay": 0.0,
             "lr_scale": lr_scale}

@@ -267,3 +267,104 @@ class InductionHeads:
         y = torch.full_like(x, IGNORE)
         y[:, -1] = x[rows, where + 1]
         return x, y
+
+
+class PlantedCopy:
+    """A local stream with a few long-range copies: needs long context in some heads only.
+
+    The stream is an order-2 Markov chain over ``alphabet`` symbols (a fixed random table, rows drawn
+    from a Dirichlet(``concentration``), seeded by ``table_seed``). In each sequence of ``length``
+    tokens one position s gets a payload symbol (one of ``payloads`` extra symbols) and position
+    s + ``distance`` a marker; the marker's target is that payload (the "copy" position). Every other
+    position whose order-2 context and next symbol are untouched is a "local" position, scored on
+    the next symbol. A model that cannot see ``distance`` positions back copies at chance, 1 / payloads.
+
+    Vocabulary: stream symbols 0..A-1, payloads A..A+P-1, the marker A+P.
+    """
+
+    def __init__(self, length: int = 256, distance: int = 100, alphabet: int = 8, payloads: int = 8,
+                 concentration: float = 0.3, table_seed: int = 0):
+        import numpy as np
+
+        if not 1 <= distance < length - 1:
+            raise ValueError(f"distance must be in [1, length - 2 = {length - 2}], got {distance}")
+        if alphabet < 2 or payloads < 2 or concentration <= 0:
+            raise ValueError(f"alphabet and payloads must be >= 2 and concentration > 0, got "
+                             f"{alphabet}, {payloads}, {concentration}")
+        self.length, self.distance, self.alphabet, self.payloads = length, distance, alphabet, payloads
+        rows = np.random.default_rng(table_seed).dirichlet([concentration] * alphabet, size=(alphabet, alphabet))
+        self.table = torch.tensor(rows, dtype=torch.float64)  # P(c | a, b): (A, A, A)
+        self.marker, self.vocab_size, self.chance = alphabet + payloads, alphabet + payloads + 1, 1 / payloads
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: inputs (B, L) and targets (B, L) (next symbol, the payload at the marker, or IGNORE)."""
+        n, a, rows = self.length, self.alphabet, torch.arange(batch_size)
+        x = torch.empty(batch_size, n, dtype=torch.long)
+        x[:, :2] = torch.randint(0, a, (batch_size, 2), generator=generator)
+        table = self.table.view(a * a, a)
+        for t in range(2, n):
+            x[:, t] = torch.multinomial(table[x[:, t - 2] * a + x[:, t - 1]], 1, generator=generator)[:, 0]
+        y = torch.full_like(x, IGNORE)
+        y[:, 1:-1] = x[:, 2:]  # local targets from position 1 on (an order-2 context exists)
+        source = torch.randint(0, n - self.distance, (batch_size,), generator=generator)
+        payload = torch.randint(a, a + self.payloads, (batch_size,), generator=generator)
+        for planted in (source, source + self.distance):  # its context or next symbol was overwritten
+            for offset in (-1, 0, 1):
+                y[rows, (planted + offset).clamp(0, n - 1)] = IGNORE
+        x[rows, source], x[rows, source + self.distance] = payload, self.marker
+        y[rows, source + self.distance] = payload
+        return x, y
+
+    def levels(self) -> dict[str, float]:
+        """Expected loss (nats) on the local positions of a model that knows the chain and sees the last
+        0, 1 or 2 symbols: the entropies of the stationary chain. Order 2 is the floor."""
+        a, table = self.alphabet, self.table
+        pairs = torch.full((a, a), 1.0 / a**2, dtype=torch.float64)  # stationary P(a, b) by power iteration
+        for _ in range(10_000):
+            pairs, previous = torch.einsum("ab,abc->bc", pairs, table), pairs
+            if (pairs - previous).abs().max() < 1e-13:
+                break
+
+        def entropy(p):
+            return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+        last = pairs.sum(0)  # P(b)
+        order1 = torch.einsum("ab,abc->bc", pairs, table) / last[:, None]  # P(c | b)
+        order0 = torch.einsum("ab,abc->c", pairs, table)
+        return {"order 0": entropy(order0).item(), "order 1": (last * entropy(order1)).sum().item(),
+                "order 2 (the chain)": (pairs * entropy(table)).sum().item()}
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean loss over local positions plus mean loss over copy positions (each kind counts equally,
+        though a sequence has hundreds of local positions and one copy), plus any auxiliary loss."""
+        x, y = batch
+        out = model(x)
+        losses = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
+                                 reduction="none")
+        copy, local = self._kinds(y.flatten())
+        loss = losses[local].mean() + losses[copy].mean()
+        aux = getattr(out, "aux_loss", None)
+        return loss if aux is None else loss + aux
+
+    def _kinds(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        copy = y >= self.alphabet
+        return copy, (y != IGNORE) & ~copy
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """``copy_accuracy`` (arg-max at the copy positions, with ``per_item`` 0/1 for paired tests)
+        and ``local_loss`` (mean nats at the local positions)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        right, local_sum, local_count = [], 0.0, 0
+        for x, y in batches:
+            logits, y = model(x.to(device)).logits.flatten(0, 1).float(), y.to(device).flatten()
+            copy, local = self._kinds(y)
+            right.append((logits[copy].argmax(-1) == y[copy]).cpu())
+            local_sum += F.cross_entropy(logits[local], y[local], reduction="sum").item()
+            local_count += int(local.sum())
+        model.train(was_training)
+        items = torch.cat(right)
+        return {"copy_accuracy": items.float().mean().item(), "copy_correct": int(items.sum()),
+                "copy_total": items.numel(), "local_loss": local_sum / local_count, "per_item": items.int().tolist()}

@@ -4,6 +4,7 @@ import torch
 from common.adaptive_span import (
     AdaptiveSpanAttention,
     adaptive_span_factory,
+    fixed_span_factory,
     log_span_mask,
     model_spans,
     ramp_mask,
@@ -65,7 +66,39 @@ def test_trimming_does_not_change_outputs(length):
     assert trimmed.block_plan(length, length) is not None
     x = torch.randn(2, length, 32)
     torch.testing.assert_close(trimmed(x), dense(x), atol=1e-5, rtol=1e-5)
-    assert trimmed.attention_pairs(length) < dense.attention_pairs(length) == length * length
+    assert trimmed.attention_pairs(length) < dense.attention_pairs(length) == 4 * length * length
+
+
+def test_each_head_is_trimmed_to_its_own_window_with_the_same_gradients():
+    trimmed, dense = make_layer(5.0, max_span=256), make_layer(5.0, max_span=256, trim=False)
+    spans = torch.tensor([0.0, 0.0, 2.5, 150.0])  # two heads share a plan, one runs dense
+    for layer in (trimmed, dense):
+        with torch.no_grad():
+            layer.span_fraction.copy_(spans / 256)
+        layer.train()
+    plans = trimmed.head_plans(200, 200)
+    assert plans[0] == plans[1] == (4, 2) and plans[3] is None
+    x = torch.randn(2, 200, 32)
+    outputs = [layer(x) for layer in (trimmed, dense)]
+    torch.testing.assert_close(*outputs, atol=1e-5, rtol=1e-5)
+    for out in outputs:
+        out.pow(2).sum().backward()
+    torch.testing.assert_close(trimmed.span_fraction.grad, dense.span_fraction.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trimmed.qkv.weight.grad, dense.qkv.weight.grad, atol=1e-4, rtol=1e-4)
+    pairs = trimmed.head_pairs(200)
+    assert pairs[3] == 200 * 200 and pairs[0] == pairs[1] == 50 * 4 * 12  # 50 blocks of 4 queries x 12 keys
+    assert trimmed.attention_pairs(200) == sum(pairs) < 2 * 200 * 200  # per layer: 4 dense heads
+
+
+def test_fixed_span_is_a_frozen_buffer():
+    model = GPT(GPTConfig(vocab_size=11, context_length=16, d_model=32, n_layers=2, n_heads=4, dropout=0.0),
+                attention=fixed_span_factory(3.0, max_span=16, ramp=4))
+    assert model_spans(model).eq(3.0).all()
+    assert not any("span_fraction" in name for name, _ in model.named_parameters())
+    assert span_param_group(model)["params"] == []
+    out = model(torch.randint(0, 11, (2, 16)), targets=torch.randint(0, 11, (2, 16)))
+    out.loss.backward()
+    assert out.aux_loss.item() == 0.0 and model_spans(model).eq(3.0).all()
 
 
 def test_counted_flops_match_the_pairs_computed():
@@ -134,3 +167,44 @@ def test_bad_arguments_raise():
         AdaptiveSpanAttention(32, 4, max_span=8, init_span=9)
     with pytest.raises(ValueError, match="penalty"):
         AdaptiveSpanAttention(32, 4, max_span=8, penalty=-1)
+
+
+def test_planted_copy_task_structure_and_levels():
+    from common.tasks import IGNORE, PlantedCopy
+
+    task = PlantedCopy(length=40, distance=15, alphabet=4, payloads=3, table_seed=1)
+    x, y = task(64, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (64, 40) and task.vocab_size == 8 and task.chance == pytest.approx(1 / 3)
+    markers = (x == task.marker).nonzero()
+    assert markers.shape == (64, 2)  # one marker per sequence
+    rows, where = markers[:, 0], markers[:, 1]
+    assert (where >= 15).all()
+    torch.testing.assert_close(y[rows, where], x[rows, where - 15])  # the marker's target: the payload d back
+    assert ((x[rows, where - 15] >= 4) & (x[rows, where - 15] < 7)).all()
+    copy = y >= 4
+    assert copy.sum() == 64 and (copy == (x == task.marker)).all()
+    local = (y != IGNORE) & ~copy
+    assert (y[local] < 4).all() and not local[:, 0].any()
+    for row, m in zip(rows, where):  # nothing around a planted token is scored on the chain
+        for p in (m - 15, m):
+            assert not local[row, max(p - 1, 0) : p + 2].any()
+    levels = task.levels()
+    assert levels["order 0"] >= levels["order 1"] >= levels["order 2 (the chain)"] > 0
+
+
+def test_planted_copy_loss_weights_copy_and_local_positions_equally():
+    from common.tasks import PlantedCopy
+
+    task = PlantedCopy(length=24, distance=10, alphabet=4, payloads=3)
+    model = GPT(GPTConfig(vocab_size=task.vocab_size, context_length=24, d_model=16, n_layers=1, n_heads=2,
+                          dropout=0.0))
+    batch = task(8, torch.Generator().manual_seed(0))
+    x, y = batch
+    losses = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                               reduction="none")
+    copy = y.flatten() >= 4
+    local = (y.flatten() != -100) & ~copy
+    torch.testing.assert_close(task.loss(model, batch), losses[local].mean() + losses[copy].mean())
+    score = task.score(model, [batch])
+    assert score["copy_total"] == 8 and len(score["per_item"]) == 8
+    assert score["local_loss"] == pytest.approx(losses[local].mean().item(), rel=1e-5)
