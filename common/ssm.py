@@ -211,16 +211,16 @@ def chunked_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
                  block_elements: int = 2**19) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked parallel scan with a hand-written backward pass; same contract as ``sequential_scan``.
 
-    The sequence is processed in blocks of G positions (G chosen so that a (B, G, N, E) tensor
-    holds at most ``block_elements`` numbers: memory stays O(block_elements + B L E), never
-    O(B L E N)); the state is carried from block to block. Inside a block (``_linear_scan``)
-    every position runs in parallel except ~2√G + √G short steps. The backward pass does not
+    The sequence is processed in blocks of G positions, G chosen so that a (B, G, N, E) tensor holds
+    at most ``block_elements`` numbers (the block's tensors stay in the CPU's caches, and memory is
+    O(block_elements + B L E), never O(B L E N)); the state is carried from block to block. Inside a
+    block (``_linear_scan``) every position runs in parallel except ~3√G short steps. The backward pass does not
     store the states: it recomputes each block's from the state that entered it and runs the
     adjoint recurrence backwards (as the official CUDA kernel does).
     """
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
-    if not isinstance(block_elements, int) or block_elements < 1:
+    if isinstance(block_elements, bool) or not isinstance(block_elements, int) or block_elements < 1:
         raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}")
     if h0 is None:
         h0 = _zero_state(x, A, (x.size(0),))
