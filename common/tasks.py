@@ -135,7 +135,7 @@ class KeyedRecall:
     Vocabulary: [0, V) answers (value v), then 2^k·V table tokens (key, value), then 2^k queries.
     """
 
-    def __init__(self, key_bits: int = 6, n_pairs: int = 32, n_values: int = 4, n_queries: int = 8):
+    def __init__(self, key_bits: int = 6, n_pairs: int = 32, n_values: int = 8, n_queries: int = 16):
         for name, value, low in [("key_bits", key_bits, 1), ("n_pairs", n_pairs, 1), ("n_values", n_values, 2),
                                  ("n_queries", n_queries, 1)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -191,6 +191,25 @@ class KeyedRecall:
                             self.query_offset + keys.gather(1, asked)], dim=1)
         targets = torch.full_like(inputs, IGNORE)
         targets[:, self.n_pairs:] = values.gather(1, asked)
+        return inputs, targets
+
+    def mixed_sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training sequences whose tables hold m distinct pairs (m uniform in [1, n_pairs]), each at least
+        once, the slots filled by repeats in random order; queries ask among the m keys. Small tables make
+        the value copy learnable before the key match is (with 32 distinct pairs alone, a one-layer model
+        often stays at chance); ``sample`` (all pairs distinct) is the test."""
+        n = self.n_pairs
+        keys = torch.rand(batch_size, self.n_keys, generator=generator).argsort(-1)[:, :n]
+        values = torch.randint(0, self.n_values, (batch_size, n), generator=generator)
+        m = torch.randint(1, n + 1, (batch_size, 1), generator=generator)
+        slot = torch.arange(n).expand(batch_size, n)
+        filler = (torch.rand(batch_size, n, generator=generator) * m).long()  # a random one of the m pairs
+        pick = torch.where(slot < m, slot, filler).gather(1, torch.rand(batch_size, n, generator=generator).argsort(-1))
+        asked = (torch.rand(batch_size, self.n_queries, generator=generator) * m).long()
+        inputs = torch.cat([self.pair_offset + keys.gather(1, pick) * self.n_values + values.gather(1, pick),
+                            self.query_offset + keys.gather(1, asked)], dim=1)
+        targets = torch.full_like(inputs, IGNORE)
+        targets[:, n:] = values.gather(1, asked)
         return inputs, targets
 
     def accuracy_seeing(self, bits: int, n_sequences: int = 4000, seed: int = 0) -> float:

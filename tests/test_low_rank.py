@@ -331,3 +331,21 @@ def test_keyed_recall_task_has_exactly_k_key_dimensions():
         KeyedRecall(key_bits=2, n_pairs=5)
     with pytest.raises(ValueError, match="key_bits"):
         KeyedRecall(key_bits=0)
+
+
+def test_keyed_recall_training_tables_mix_sizes():
+    from common.tasks import IGNORE, KeyedRecall
+
+    task = KeyedRecall(key_bits=5, n_pairs=12, n_values=4, n_queries=6)
+    inputs, targets = task.mixed_sample(200, torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (200, 18) and (targets[:, :12] == IGNORE).all()
+    table = inputs[:, :12] - task.pair_offset
+    keys, values = table // task.n_values, table % task.n_values
+    queries = inputs[:, 12:] - task.query_offset
+    sizes = []
+    for b in range(200):
+        pairs = dict(zip(keys[b].tolist(), values[b].tolist()))
+        assert len(pairs) == len(set(zip(keys[b].tolist(), values[b].tolist())))  # one value per key
+        assert all(targets[b, 12 + q].item() == pairs[queries[b, q].item()] for q in range(6))
+        sizes.append(len(pairs))
+    assert min(sizes) == 1 and max(sizes) == 12  # from one repeated pair to a full table
