@@ -235,6 +235,9 @@ def sliding_window_factory(window: int) -> Callable:
     return factory
 
 
+MAX_FLEX_SHAPES = 64  # compiled FlexAttention shapes in one process before a call fails (not falls back)
+
+
 def flex_sliding_window(length: int, window: int, device=None, compile: bool = True) -> Callable:
     """FlexAttention with a sliding-window block mask for sequences of ``length``.
 
@@ -244,7 +247,9 @@ def flex_sliding_window(length: int, window: int, device=None, compile: bool = T
     compiled call fail instead makes the compiler skip it for the rest of the process and fall back
     to the eager reference, which builds the full L x L score matrix: 2 GB at L = 4096 with 8 heads.)
     Compiled, the first call takes seconds per shape; ``compile=False`` runs the slow eager
-    reference (for quick checks only).
+    reference (for quick checks only). Every shape is a new compilation of ``flex_attention``; past
+    the compiler's limit of recompilations (8 by default) it would silently run the eager reference
+    too, so compiled calls raise the limit to ``MAX_FLEX_SHAPES`` and fail loudly beyond it.
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -261,6 +266,9 @@ def flex_sliding_window(length: int, window: int, device=None, compile: bool = T
             raise RuntimeError("flex_sliding_window: FlexAttention has no backward on the CPU, and these inputs "
                                "require grad (it refuses them even under torch.no_grad()). Pass tensors that do "
                                "not (e.g. q.detach()), or use sliding_window_attention, which has a backward.")
-        return compiled(q, k, v, block_mask=mask)
+        if not compile:
+            return compiled(q, k, v, block_mask=mask)
+        with torch._dynamo.config.patch(recompile_limit=MAX_FLEX_SHAPES, fail_on_recompile_limit_hit=True):
+            return compiled(q, k, v, block_mask=mask)
 
     return attend

@@ -201,3 +201,15 @@ def test_distance_recall_plants_one_value_at_distance_d():
         distance_recall(20, [0, 5])
     with pytest.raises(ValueError, match="distances"):
         distance_recall(20, [20])
+
+
+def test_compiled_flex_fails_loudly_past_its_shape_limit(monkeypatch):
+    """Past the compiler's recompilation limit FlexAttention would fall back to the eager reference
+    (the full L x L matrix) with only a warning; it must raise instead."""
+    import common.sparse_attention as sa
+
+    monkeypatch.setattr(sa, "MAX_FLEX_SHAPES", 1)
+    with pytest.raises(Exception, match="recompile|limit"), torch.no_grad():
+        for length in (48, 80, 112):  # shapes no other test compiles
+            q = torch.randn(1, 1, length, 8)
+            sa.flex_sliding_window(length, 8)(q, q, q)
