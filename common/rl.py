@@ -346,8 +346,9 @@ class DecisionTransformer(nn.Module):
         """
         if states.size(1) > self.config.context:
             raise ValueError(f"window of {states.size(1)} steps exceeds DTConfig.context={self.config.context}")
-        if int(timesteps.max()) >= self.config.max_timestep:
-            raise ValueError(f"timesteps must be < max_timestep={self.config.max_timestep}")
+        if int(timesteps.min()) < 0 or int(timesteps.max()) >= self.config.max_timestep:
+            raise ValueError(f"timesteps must be in [0, max_timestep={self.config.max_timestep}), got "
+                             f"{int(timesteps.min())} to {int(timesteps.max())}")
         h = self.dropout(self.tokens(returns_to_go, states, actions, timesteps))
         token_padding = None
         if padding is not None:  # every token of a padding step is a padding key
@@ -469,31 +470,32 @@ def train_agent(data: Trajectories, config: DTConfig, train_config: TrainConfig,
 # ---------------------------------------------------------------------------------------
 # the experiment of notebook 06 (also run by ``python -m common.rl``)
 
+MODES = {"sampled": False, "argmax": True}  # how actions are picked from π(a | …): name -> greedy
+
 PRESETS = {
     "smoke": {
         "mix": BehaviourMix(random=20, noisy_heuristic=30, expert=5),
         "model": {"context": 4, "d_model": 16, "n_layers": 1, "n_heads": 2},
         "steps": 30, "baseline_steps": 20, "batch_size": 16, "lr": 1e-3,
-        "targets": [20, 100, 500], "episodes": 2, "baseline_episodes": 2,
-        "contexts": [1, 4],
-        "filtered_fraction": 0.1, "threads": 1, "max_steps": 60, "greedy": False,
+        "targets": [20, 40, 60], "episodes": 2, "baseline_episodes": 2, "seeds": 2,
+        "contexts": [1, 4], "ablation_seeds": 2,
+        "filtered_fraction": 0.1, "threads": 1, "max_steps": 60, "mode": "sampled",
     },
     "cpu": {
         "mix": BehaviourMix(),
         "model": {"context": 10, "d_model": 32, "n_layers": 2, "n_heads": 2},
-        "steps": 3000, "baseline_steps": 1500, "batch_size": 64, "lr": 1e-3,
-        "targets": [20, 50, 100, 150, 200, 250, 300, 400, 500], "episodes": 10, "baseline_episodes": 30,
-        "contexts": [1, 5, 10],
-        "filtered_fraction": 0.1, "threads": 1, "max_steps": MAX_EPISODE_STEPS, "greedy": False,
+        "steps": 3000, "baseline_steps": 3000, "batch_size": 64, "lr": 1e-3,
+        "targets": [25, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500], "episodes": 30,
+        "baseline_episodes": 30, "seeds": 5, "contexts": [1, 5, 10], "ablation_seeds": 3,
+        "filtered_fraction": 0.1, "threads": 1, "max_steps": MAX_EPISODE_STEPS, "mode": "sampled",
     },
     "gpu": {
         "mix": BehaviourMix(random=400, noisy_heuristic=1600, expert=100),
         "model": {"context": 20, "d_model": 128, "n_layers": 3, "n_heads": 4},
-        "steps": 20000, "baseline_steps": 10000, "batch_size": 128, "lr": 3e-4,
-        "targets": [20, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500], "episodes": 50,
-        "baseline_episodes": 100, "contexts": [1, 5, 10, 20, 50],
-        "filtered_fraction": 0.1, "threads": None,
-        "max_steps": MAX_EPISODE_STEPS, "greedy": False,
+        "steps": 20000, "baseline_steps": 20000, "batch_size": 128, "lr": 3e-4,
+        "targets": [25, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500], "episodes": 100,
+        "baseline_episodes": 100, "seeds": 5, "contexts": [1, 5, 10, 20], "ablation_seeds": 5,
+        "filtered_fraction": 0.1, "threads": None, "max_steps": MAX_EPISODE_STEPS, "mode": "sampled",
     },
 }
 
@@ -523,6 +525,47 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def calibration(targets: Sequence[float], achieved: Sequence[float], up_to: float) -> dict:
+    """How closely the mean achieved returns follow the targets ``<= up_to`` (the data's best).
+
+    ``spearman``: rank correlation (only the order; NaN when the achieved returns are all equal);
+    ``mae``: mean |achieved - target|; ``slope``: least-squares slope of achieved on target
+    (1 for a perfect dial, 0 for an agent that ignores the target); ``n_targets``: how many.
+    """
+    t, a = np.asarray(targets, np.float64), np.asarray(achieved, np.float64)
+    if t.shape != a.shape:
+        raise ValueError(f"targets and achieved need the same shape, got {t.shape} and {a.shape}")
+    inside = t <= up_to
+    if inside.sum() < 2 or len(set(t[inside].tolist())) < 2:
+        raise ValueError(f"calibration needs two distinct targets <= {up_to}, got {t.tolist()}")
+    t, a = t[inside], a[inside]
+    return {"spearman": spearman(t.tolist(), a.tolist()), "mae": float(np.abs(a - t).mean()),
+            "slope": float(np.polyfit(t, a, 1)[0]), "n_targets": int(inside.sum())}
+
+
+UNDEFINED = "undefined: the returns it ranks are all equal, so no rank correlation exists"
+
+
+def seed_summary(values: Sequence[float], seeds: Sequence[int], why: str = UNDEFINED) -> dict:
+    """``common.stats.summary`` over the seeds whose value is defined (finite).
+
+    Seeds with an undefined value (NaN) are listed under ``undefined_seeds`` with the reason; when
+    no seed has one, the result is ``{"undefined": why, "seeds": ...}`` (never a NaN).
+    """
+    from common.stats import summary
+
+    if len(values) != len(seeds):
+        raise ValueError(f"one seed per value: {len(seeds)} seeds for {len(values)} values")
+    kept = [(float(v), s) for v, s in zip(values, seeds, strict=True) if np.isfinite(v)]
+    if not kept:
+        return {"undefined": why, "seeds": list(seeds)}
+    out = summary([v for v, _ in kept], [s for _, s in kept])
+    if len(kept) < len(seeds):
+        out.update(undefined_seeds=[s for v, s in zip(values, seeds, strict=True) if not np.isfinite(v)],
+                   undefined=why)
+    return out
+
+
 def dataset_summary(data: Trajectories) -> dict:
     return {"episodes": data.n_episodes, "steps": int(data.lengths.sum()),
             "return_mean": float(data.returns.mean()), "return_max": float(data.returns.max()),
@@ -531,22 +574,22 @@ def dataset_summary(data: Trajectories) -> dict:
                            for i, name in enumerate(POLICIES) if (data.policy == i).any()}}
 
 
-def tracking_metrics(summary: dict, data: Trajectories) -> dict:
-    """Spearman correlation of target vs mean return over the targets inside the data's range."""
-    inside = [i for i, t in enumerate(summary["targets"]) if t <= data.returns.max()]
-    pairs = [(summary["targets"][i], summary["returns_mean"][i]) for i in inside]
-    return {"spearman": spearman(*zip(*pairs, strict=True)) if len(pairs) > 1 else float("nan"),
-            "return_at_max_target": summary["returns_mean"][-1]}
-
-
 def fit_agent(name: str, cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int,
               device: torch.device | str, steps: int, progress: bool = True,
-              episodes: np.ndarray | None = None, **overrides) -> tuple[DecisionTransformer, dict]:
-    """Train the preset's model, with ``overrides`` of its ``DTConfig`` (``use_returns``, ``context``)."""
+              episodes: np.ndarray | None = None, batch_size: int | None = None,
+              **overrides) -> tuple[DecisionTransformer, dict]:
+    """Train the preset's model, with ``overrides`` of its ``DTConfig`` (``use_returns``, ``context``).
+
+    ``batch_size``: windows per step (default: the preset's).
+    """
     config = DTConfig(**{**cfg["model"], **overrides})
+    batch_size = batch_size or cfg["batch_size"]
     optimisation = train_config(cfg, steps, seed, device)
-    path = checkpoint(name, cfg, config, optimisation, None if episodes is None else np.asarray(episodes).tolist())
-    return train_agent(data, config, optimisation, cfg["batch_size"], episodes, path, description=name,
+    # what shapes the weights: the data, the model, the optimisation, the batch and the episodes used
+    # (not the evaluation settings of the preset, so changing those never retrains)
+    path = checkpoint(name, cfg["mix"], config, optimisation, batch_size,
+                      None if episodes is None else np.asarray(episodes).tolist())
+    return train_agent(data, config, optimisation, batch_size, episodes, path, description=name,
                        progress=progress)
 
 
@@ -555,47 +598,127 @@ def evaluation_seed(seed: int) -> int:
     return 10_000 + 1000 * seed
 
 
-def context_ablation(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int,
-                     device: torch.device | str, main: tuple[dict, dict], progress: bool = True) -> dict[int, dict]:
-    """DT with each context length of ``cfg["contexts"]``, same budget, same seeded episodes.
+def training_seeds(cfg: dict, seed: int) -> list[int]:
+    """The preset's training seeds, starting at the run's ``seed``."""
+    return [seed + i for i in range(cfg["seeds"])]
 
-    ``main`` (the summary and training info of the preset's own model) stands in for its context length.
-    Returns, per K: the per-target summary, ``tracking_metrics``, training seconds and final loss.
-    """
+
+def ablation_batch_size(cfg: dict, context: int) -> int:
+    """Windows per step for context ``context`` so that every K supervises the same number of actions
+    per step as the preset's model (batch_size × K of the preset): batch ∝ 1 / K."""
+    actions = cfg["batch_size"] * cfg["model"]["context"]
+    if actions % context:
+        raise ValueError(f"context {context} does not divide the {actions} supervised actions per step")
+    return actions // context
+
+
+def evaluate_dt(model: DecisionTransformer, cfg: dict, data: Trajectories, eval_seed: int,
+                modes: Sequence[str] = tuple(MODES)) -> dict:
+    """Per action mode: the per-target summary, the episode returns and the calibration."""
+    out = {}
+    for mode in modes:
+        played = rollout(model, cfg["targets"], cfg["episodes"], eval_seed, greedy=MODES[mode],
+                         max_steps=cfg["max_steps"])
+        summary = summarise(played)
+        out[mode] = {**summary, **calibration(summary["targets"], summary["returns_mean"], float(data.returns.max())),
+                     "returns": played.returns.tolist()}
+    return out
+
+
+def seed_experiment(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int,
+                    device: torch.device | str, eval_seed: int, progress: bool = True) -> dict:
+    """One training seed: DT, BC and %BC trained, each played with sampled and arg-max actions."""
     common = {"cfg": cfg, "data": data, "checkpoint": checkpoint, "seed": seed, "device": device,
               "progress": progress}
-    results = {}
-    for context in cfg["contexts"]:
-        if context == cfg["model"]["context"]:
-            summary, info = main
-        else:
-            model, info = fit_agent(f"dt_K{context}", steps=cfg["steps"], context=context, **common)
-            summary = summarise(rollout(model, cfg["targets"], cfg["episodes"], evaluation_seed(seed),
-                                        max_steps=cfg["max_steps"], greedy=cfg["greedy"]))
-        results[context] = {**summary, **tracking_metrics(summary, data), "train_s": info["train_s"],
-                            "loss": info["loss"]}
-    return results
+    dt, dt_info = fit_agent(f"dt-s{seed}", steps=cfg["steps"], **common)
+    bc, bc_info = fit_agent(f"bc-s{seed}", steps=cfg["baseline_steps"], use_returns=False, **common)
+    fbc, fbc_info = fit_agent(f"filtered_bc-s{seed}", steps=cfg["baseline_steps"], use_returns=False,
+                              episodes=top_episodes(data, cfg["filtered_fraction"]), **common)
+    out = {"seed": seed, "dt": evaluate_dt(dt, cfg, data, eval_seed),
+           "train_s": dt_info["train_s"] + bc_info["train_s"] + fbc_info["train_s"],
+           "info": {"dt": dt_info, "bc": bc_info, "filtered_bc": fbc_info}}
+    for name, model in (("bc", bc), ("filtered_bc", fbc)):
+        for mode, greedy in MODES.items():
+            played = rollout(model, [0], cfg["baseline_episodes"], eval_seed, greedy=greedy,
+                             max_steps=cfg["max_steps"])
+            out[f"{name}_{mode}"] = float(played.returns.mean())
+    return out
+
+
+def context_run(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int, context: int,
+                device: torch.device | str, eval_seed: int, progress: bool = True,
+                main: dict | None = None) -> dict:
+    """DT with context ``context`` at equal supervised actions per step, played with the preset's mode.
+
+    ``main``: the seed's ``seed_experiment`` result, reused when ``context`` is the preset's own K.
+    """
+    mode = cfg["mode"]
+    if main is not None and context == cfg["model"]["context"]:
+        return {**{k: v for k, v in main["dt"][mode].items() if k != "returns"}, "seed": seed,
+                "train_s": main["info"]["dt"]["train_s"], "loss": main["info"]["dt"]["loss"]}
+    model, info = fit_agent(f"dt_K{context}-s{seed}", cfg=cfg, data=data, checkpoint=checkpoint, seed=seed,
+                            device=device, steps=cfg["steps"], progress=progress,
+                            batch_size=ablation_batch_size(cfg, context), context=context)
+    result = evaluate_dt(model, cfg, data, eval_seed, modes=(mode,))[mode]
+    return {**{k: v for k, v in result.items() if k != "returns"}, "seed": seed, "train_s": info["train_s"],
+            "loss": info["loss"]}
+
+
+def aggregate(cfg: dict, runs: Sequence[dict], ablation: dict[int, list[dict]], data: Trajectories) -> dict:
+    """The results-file metrics from the per-seed runs: intervals over training seeds."""
+    from common.stats import compare
+
+    seeds = [r["seed"] for r in runs]
+    mode = cfg["mode"]
+    out = {"seeds": len(seeds), "training_seeds": seeds, "episodes_per_target": cfg["episodes"],
+           "baseline_episodes": cfg["baseline_episodes"], "mode": mode, "targets": list(cfg["targets"]),
+           "dataset": dataset_summary(data)}
+    for m in MODES:
+        per_target = np.array([r["dt"][m]["returns_mean"] for r in runs])  # (seeds, targets)
+        out[m] = {"returns_mean": [seed_summary(per_target[:, j], seeds) for j in range(per_target.shape[1])],
+                  **{key: seed_summary([r["dt"][m][key] for r in runs], seeds)
+                     for key in ("spearman", "mae", "slope")}}
+    out.update(spearman=out[mode]["spearman"], mae=out[mode]["mae"], calibration_slope=out[mode]["slope"])
+    for name in ("bc", "filtered_bc"):
+        for m in MODES:
+            out[f"{name}_{m}_return"] = seed_summary([r[f"{name}_{m}"] for r in runs], seeds)
+    top = [r["dt"][mode]["returns_mean"][-1] for r in runs]
+    out["comparisons"] = {
+        f"dt_top_vs_{name}_{m}": compare(top, [r[f"{name}_{m}"] for r in runs], higher_is_better=True,
+                                         paired=True, names=(f"DT at {cfg['targets'][-1]}", f"{name} {m}")).to_dict()
+        for name in ("bc", "filtered_bc") for m in MODES}
+    out["comparisons"]["argmax_vs_sampled_mae"] = compare(
+        [r["dt"]["argmax"]["mae"] for r in runs], [r["dt"]["sampled"]["mae"] for r in runs],
+        higher_is_better=False, paired=True, names=("arg-max", "sampled")).to_dict()
+    contexts = sorted(ablation)
+    ablation_seeds = [r["seed"] for r in ablation[contexts[0]]]
+    out["context_ablation"] = {
+        "held_equal": (f"{cfg['batch_size'] * cfg['model']['context']} supervised action slots per step "
+                       f"(windows per step = {cfg['batch_size'] * cfg['model']['context']} / K), {cfg['steps']} steps"),
+        "mode": mode, "seeds": ablation_seeds,
+        "per_context": {f"K={k}": {"batch_size": ablation_batch_size(cfg, k),
+                                   **{key: seed_summary([r[key] for r in ablation[k]], ablation_seeds)
+                                      for key in ("spearman", "mae", "slope", "loss", "train_s")}}
+                        for k in contexts},
+    }
+    largest = contexts[-1]
+    out["context_ablation"]["comparisons"] = {
+        f"K={k}_vs_K={largest}_mae": compare([r["mae"] for r in ablation[k]], [r["mae"] for r in ablation[largest]],
+                                             higher_is_better=False, paired=True,
+                                             names=(f"K={k}", f"K={largest}")).to_dict()
+        for k in contexts[:-1]}
+    return out
 
 
 def run_experiment(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int,
                    device: torch.device | str, progress: bool = True) -> dict:
-    """What the notebook computes, in one call: DT over the targets, BC, %BC, the context ablation."""
-    common = {"cfg": cfg, "data": data, "checkpoint": checkpoint, "seed": seed, "device": device,
-              "progress": progress}
+    """What the notebook computes, in one call: DT, BC and %BC over the seeds, the context ablation."""
     eval_seed = evaluation_seed(seed)
-    play = {"max_steps": cfg["max_steps"], "greedy": cfg["greedy"]}
-    dt, dt_info = fit_agent("dt", steps=cfg["steps"], **common)
-    dt_summary = summarise(rollout(dt, cfg["targets"], cfg["episodes"], eval_seed, **play))
-    bc, _ = fit_agent("bc", steps=cfg["baseline_steps"], use_returns=False, **common)
-    fbc, _ = fit_agent("filtered_bc", steps=cfg["baseline_steps"], use_returns=False,
-                       episodes=top_episodes(data, cfg["filtered_fraction"]), **common)
-    baselines = {name: float(rollout(model, [0], cfg["baseline_episodes"], eval_seed,
-                                     **play).returns.mean())
-                 for name, model in (("bc", bc), ("filtered_bc", fbc))}
-    ablation = context_ablation(main=(dt_summary, dt_info), **common)
-    return {**dt_summary, **tracking_metrics(dt_summary, data), "bc_return": baselines["bc"],
-            "filtered_bc_return": baselines["filtered_bc"], "dataset": dataset_summary(data),
-            "train_s": dt_info["train_s"], "context_ablation": ablation}
+    runs = [seed_experiment(cfg, data, checkpoint, s, device, eval_seed, progress)
+            for s in training_seeds(cfg, seed)]
+    ablation = {k: [context_run(cfg, data, checkpoint, r["seed"], k, device, eval_seed, progress, main=r)
+                    for r in runs[:cfg["ablation_seeds"]]] for k in cfg["contexts"]}
+    return aggregate(cfg, runs, ablation, data)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -606,18 +729,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="build/rl_cli", help="where figures/ and results/ go")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (refused when not available)")
     args = parser.parse_args(argv)
-    run = start_run("06_decision_transformer", args.preset == "smoke", args.preset, args.seed, args.out_dir,
-                    args.device)
+    try:
+        run = start_run("06_decision_transformer", args.preset == "smoke", args.preset, args.seed, args.out_dir,
+                        args.device)
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))  # a clear message and exit status 2, before any folder is made
     cfg = PRESETS[run.preset]
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     data, path = load_or_generate(cfg["mix"], run.paths.cache)
     print(f"dataset: {data.n_episodes} episodes, {len(data.rewards)} steps ({path})")
     metrics = run_experiment(cfg, data, run.checkpoint, run.seed, run.device)
-    print(json.dumps({k: metrics[k] for k in ("targets", "returns_mean", "spearman", "bc_return",
-                                              "filtered_bc_return")}, indent=1))
+    print(json.dumps({k: metrics[k] for k in ("spearman", "mae", "calibration_slope", "bc_argmax_return")},
+                     indent=1))
     print(f"results -> {run.save_results(metrics)}")
     return metrics
 

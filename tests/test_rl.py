@@ -178,3 +178,89 @@ def test_a_short_training_run_lowers_the_action_loss(data):
                                                            device="cpu"), batch_size=32, progress=False)
     assert info["parameters"] == model.num_parameters()
     assert rl.action_loss(model, batch).item() < before - 0.1
+
+
+def test_negative_or_too_large_timesteps_are_refused_with_the_allowed_range():
+    model = tiny_model()
+    rtg, states, actions = torch.rand(1, 4), torch.randn(1, 4, 4), torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"timesteps must be in \[0, max_timestep=500\).*-1"):
+        model(rtg, states, actions, torch.tensor([[-1, 0, 1, 2]]))
+    with pytest.raises(ValueError, match="timesteps must be in"):
+        model(rtg, states, actions, torch.tensor([[497, 498, 499, 500]]))
+
+
+def test_calibration_measures_order_gap_and_slope_up_to_the_data_maximum():
+    perfect = rl.calibration([100, 200, 300, 600], [100, 200, 300, 0], up_to=500)
+    assert perfect == {"spearman": 1.0, "mae": 0.0, "slope": pytest.approx(1.0), "n_targets": 3}
+    flat = rl.calibration([100, 200, 300], [250, 250, 250], up_to=500)
+    assert np.isnan(flat["spearman"]) and flat["slope"] == pytest.approx(0.0) and flat["mae"] == pytest.approx(250 / 3)
+    shifted = rl.calibration([100, 200, 300], [150, 250, 350], up_to=500)
+    assert shifted["mae"] == pytest.approx(50) and shifted["slope"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two distinct targets"):
+        rl.calibration([100, 600], [1, 2], up_to=500)
+
+
+def test_seed_summary_never_writes_nan_and_says_why():
+    full = rl.seed_summary([0.9, 1.0, 0.95], [0, 1, 2])
+    assert full["mean"] == pytest.approx(0.95) and full["seeds"] == [0, 1, 2] and "undefined" not in full
+    part = rl.seed_summary([0.9, float("nan"), 1.0], [0, 1, 2])
+    assert part["values"] == [0.9, 1.0] and part["seeds"] == [0, 2] and part["undefined_seeds"] == [1]
+    assert "all equal" in part["undefined"]
+    none = rl.seed_summary([float("nan")] * 2, [3, 4])
+    assert set(none) == {"undefined", "seeds"} and none["seeds"] == [3, 4]
+
+
+def test_ablation_batches_hold_the_supervised_actions_per_step_equal():
+    cfg = rl.PRESETS["cpu"]
+    actions = cfg["batch_size"] * cfg["model"]["context"]
+    for k in cfg["contexts"]:
+        assert rl.ablation_batch_size(cfg, k) * k == actions
+    assert rl.ablation_batch_size(cfg, cfg["model"]["context"]) == cfg["batch_size"]
+    with pytest.raises(ValueError, match="does not divide"):
+        rl.ablation_batch_size(cfg, 7)
+
+
+def test_every_preset_meets_the_protocol_and_its_contexts_divide_the_batch():
+    for name, cfg in rl.PRESETS.items():
+        assert cfg["mode"] in rl.MODES and cfg["model"]["context"] in cfg["contexts"], name
+        assert cfg["ablation_seeds"] <= cfg["seeds"], name
+        for k in cfg["contexts"]:
+            rl.ablation_batch_size(cfg, k)
+    assert rl.PRESETS["cpu"]["seeds"] >= 5 and rl.PRESETS["cpu"]["episodes"] >= 30
+    assert rl.PRESETS["cpu"]["ablation_seeds"] >= 3
+
+
+def test_the_experiment_runs_end_to_end_on_the_smoke_preset_with_finite_results(data, tmp_path):
+    cfg = {**rl.PRESETS["smoke"], "seeds": 2, "ablation_seeds": 2, "steps": 5, "baseline_steps": 5,
+           "max_steps": 30}
+
+    def checkpoint(name, *shaped_by):
+        return tmp_path / f"{name}.pt"
+
+    metrics = rl.run_experiment(cfg, data, checkpoint, seed=3, device="cpu", progress=False)
+    assert metrics["seeds"] == 2 and metrics["training_seeds"] == [3, 4]
+    assert metrics["episodes_per_target"] == cfg["episodes"]
+    for key in ("mae", "calibration_slope", "bc_argmax_return", "bc_sampled_return", "filtered_bc_argmax_return"):
+        assert np.isfinite(metrics[key]["mean"]) and metrics[key]["seeds"] == [3, 4], key
+    assert "mean" in metrics["spearman"] or "undefined" in metrics["spearman"]
+    ablation = metrics["context_ablation"]
+    assert ablation["seeds"] == [3, 4] and set(ablation["per_context"]) == {"K=1", "K=4"}
+    assert ablation["per_context"]["K=1"]["batch_size"] == 4 * ablation["per_context"]["K=4"]["batch_size"]
+
+    def numbers(value):
+        if isinstance(value, dict):
+            return [n for k, v in value.items() if k != "ci" for n in numbers(v)]
+        if isinstance(value, list):
+            return [n for v in value for n in numbers(v)]
+        return [value] if isinstance(value, float) else []
+
+    assert all(np.isfinite(numbers(metrics)))
+
+
+def test_the_command_line_refuses_an_unavailable_device_before_making_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "cli"
+    with pytest.raises(SystemExit) as stop:
+        rl.main(["--preset", "smoke", "--device", "cuda", "--out-dir", str(out)])
+    assert stop.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
