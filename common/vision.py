@@ -34,6 +34,7 @@ class CaptionerConfig:
     max_caption_length: int = 16
     dropout: float = 0.1
     patch_positions: str = "sincos"  # "sincos": fixed 2-D sine/cosine (MAE); "learned": a free table (ViT)
+    word_dropout: float = 0.0  # training only: share of caption words (after the start token) hidden from the decoder
 
     def __post_init__(self):
         for name in ("vocab_size", "image_size", "patch_size", "channels", "d_model", "n_heads",
@@ -43,6 +44,8 @@ class CaptionerConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"CaptionerConfig.image_size ({self.image_size}) must be a multiple of "
                              f"patch_size ({self.patch_size})")
+        if not 0 <= self.word_dropout < 1:
+            raise ValueError(f"CaptionerConfig.word_dropout must be in [0, 1), got {self.word_dropout!r}")
         if self.patch_positions not in ("sincos", "learned"):
             raise ValueError(f"CaptionerConfig.patch_positions must be 'sincos' or 'learned', "
                              f"got {self.patch_positions!r}")
@@ -110,6 +113,12 @@ class ViTEncoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        wanted = (c.channels, c.image_size, c.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != wanted:
+            raise ValueError(f"ViTEncoder expects images of shape (batch, {c.channels}, {c.image_size}, "
+                             f"{c.image_size}), got {tuple(images.shape)}: resize the images to the configured "
+                             f"image_size (a larger image would silently lose its border pixels)")
         patches = self.patch_embedding(images).flatten(2).transpose(1, 2)  # (B, P, D)
         h = self.dropout(patches + self.position_embedding)  # z_0 = [x_p E] + E_pos
         for block in self.blocks:
@@ -165,7 +174,14 @@ class Captioner(nn.Module):
             raise ValueError(f"caption of {tokens.size(1)} tokens exceeds max_caption_length "
                              f"{self.config.max_caption_length}")
         positions = torch.arange(tokens.size(1), device=tokens.device)
-        h = self.token_embedding(tokens) + self.position_embedding(positions)
+        words = self.token_embedding(tokens)
+        if self.training and self.config.word_dropout > 0:
+            # word dropout (Bowman et al. 2016): the decoder must name what it sees, not what the
+            # words so far make likely (e.g. "red" -> "circle" because red squares were never seen)
+            keep = torch.rand(tokens.shape, device=tokens.device) >= self.config.word_dropout
+            keep[:, 0] = True  # the start token stays
+            words = words * keep[..., None]
+        h = words + self.position_embedding(positions)
         for block in self.blocks:
             h = block(h, memory, need_weights)
         return self.head(self.norm(h))
@@ -176,6 +192,10 @@ class Captioner(nn.Module):
     def cross_attention_maps(self) -> torch.Tensor:
         """Weights of the last decode with ``need_weights``: last layer, mean over heads -> (B, T, P)."""
         return self.blocks[-1].cross_attention.last_weights.mean(dim=1)
+
+    def cross_attention_layers(self) -> torch.Tensor:
+        """Weights of the last decode with ``need_weights``: every layer, mean over heads -> (layers, B, T, P)."""
+        return torch.stack([block.cross_attention.last_weights.mean(dim=1) for block in self.blocks])
 
 
 def caption_loss(model: Captioner, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

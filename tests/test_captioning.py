@@ -4,10 +4,17 @@ import torch
 
 from common.data import WordTokenizer
 from common.scenes import (
+    COLORS,
+    SHAPES,
+    Scene,
     SceneConfig,
     attribute_scores,
     corpus_bleu,
+    heldout_design,
+    object_masks,
+    object_scores,
     read_coco,
+    relation_is_unambiguous,
     render,
     sample_scene,
     scene_dataset,
@@ -104,6 +111,9 @@ def test_shapes_causality_and_image_dependence(captioner):
 def test_beam_of_one_equals_greedy_and_maps_cover_the_patches(captioner):
     images = torch.rand(3, 3, 32, 32)
     greedy, maps = greedy_captions(captioner, images, bos_id=0, eos_id=0, need_weights=True)
+    layers = captioner.cross_attention_layers()
+    assert layers.shape == (len(captioner.blocks), 3, greedy.size(1), 64)
+    torch.testing.assert_close(layers[-1], maps)
     beam = beam_captions(captioner, images, bos_id=0, eos_id=0, beam=1)
     assert torch.equal(greedy, beam[:, : greedy.size(1)])
     assert maps.shape == (3, greedy.size(1), 64)
@@ -144,3 +154,78 @@ def test_sincos_patch_positions_code_row_and_column_and_are_fixed():
         CaptionerConfig(vocab_size=10, patch_positions="rope")
     with pytest.raises(ValueError, match="multiple of 4"):
         CaptionerConfig(vocab_size=10, d_model=18, n_heads=2)
+
+
+def test_encoder_refuses_an_image_of_another_size(captioner):
+    encoder = captioner.encoder
+    assert encoder(torch.rand(1, 3, 32, 32)).shape == (1, 64, 32)
+    for shape in ((1, 3, 34, 34), (1, 3, 35, 35), (1, 3, 36, 36), (1, 1, 32, 32), (3, 32, 32)):
+        with pytest.raises(ValueError, match="image_size|shape"):
+            encoder(torch.rand(*shape))
+
+
+def test_relations_are_unambiguous_and_masks_follow_the_scene():
+    rng = np.random.default_rng(4)
+    config = SceneConfig(colors=tuple(COLORS), shapes=SHAPES, heldout_pairs=())
+    for _ in range(300):
+        scene = sample_scene(rng, config, heldout=False)
+        assert relation_is_unambiguous(scene)
+        masks = object_masks(scene, config.image_size)
+        assert masks.shape == (2, 32, 32) and masks[0].sum() > 4 and masks[1].sum() > 4
+        assert not (masks[0] & masks[1]).any()
+        image = render(scene, SceneConfig(colors=tuple(COLORS), shapes=SHAPES, heldout_pairs=(), noise=0), rng)
+        for obj, mask in zip((scene.first, scene.second), masks):
+            assert (image[mask] == COLORS[obj.color]).all()  # the mask is exactly the object's pixels
+    ambiguous = Scene(scene.first, "left of", scene.second, ((0.2, 0.2), (0.8, 0.8)))
+    assert not relation_is_unambiguous(ambiguous)
+
+
+def test_heldout_design_spreads_pairs_and_keeps_every_attribute_seen():
+    pairs = heldout_design(("red", "green", "blue"), ("circle", "square", "triangle"), 1 / 3)
+    assert len(set(pairs)) == 3
+    assert {c for c, _ in pairs} == {"red", "green", "blue"}
+    assert {s for _, s in pairs} == {"circle", "square", "triangle"}
+    big = heldout_design(tuple(COLORS), SHAPES, 0.25)
+    assert len(set(big)) == 12
+    config = SceneConfig(colors=tuple(COLORS), shapes=SHAPES, heldout_pairs=big)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sample_scene(rng, config, heldout=False)
+        assert {(o.color, o.shape) for o in (scene.first, scene.second)}.isdisjoint(big)
+    with pytest.raises(ValueError, match="share"):
+        heldout_design(("red", "green"), ("circle", "square"), 0.9)
+    with pytest.raises(ValueError, match="every pair"):
+        SceneConfig(heldout_pairs=(("red", "circle"), ("red", "square"), ("red", "triangle")))
+    with pytest.raises(ValueError, match="colors"):
+        SceneConfig(colors=("red", "mauve"))
+
+
+def test_object_scores_pair_said_objects_by_the_relation():
+    scene = {"first": {"size": "small", "color": "blue", "shape": "circle"}, "relation": "left of",
+             "second": {"size": "large", "color": "red", "shape": "square"}}
+    right = object_scores("a small blue circle left of a large red square", scene)
+    assert [(o["color"], o["shape"]) for o in right] == [(True, True), (True, True)]
+    flipped = object_scores("a large red square right of a small blue square", scene)
+    assert flipped[0] == {"color": True, "shape": False, "said": "blue square", "position": 1} and flipped[1]["shape"]
+    assert [o["position"] for o in right] == [0, 1]
+    # the relation fixes the reading even when the other reading would fit the colours better
+    swapped = object_scores("a small red square left of a large blue circle", scene)
+    assert not swapped[0]["color"] and not swapped[0]["shape"]
+    assert object_scores("a blue thing", scene)[0] == {"color": False, "shape": False, "said": None, "position": None}
+
+
+def test_word_dropout_hides_words_in_training_only():
+    config = CaptionerConfig(vocab_size=12, d_model=16, n_heads=2, encoder_layers=1, decoder_layers=1,
+                             max_caption_length=8, dropout=0.0, word_dropout=0.5)
+    torch.manual_seed(0)
+    model = Captioner(config)
+    images, tokens = torch.rand(2, 3, 32, 32), torch.randint(0, 12, (2, 8))
+    model.eval()
+    assert torch.equal(model(images, tokens), model(images, tokens))  # off in evaluation
+    model.train()
+    first, second = model(images, tokens), model(images, tokens)
+    assert not torch.equal(first, second)  # words hidden at random while training
+    assert torch.allclose(first[:, 0], second[:, 0])  # the start token is never hidden, and position 0 sees only it
+    with pytest.raises(ValueError, match="word_dropout"):
+        CaptionerConfig(vocab_size=12, word_dropout=1.0)
+
