@@ -74,7 +74,7 @@ def export_html(executed: Path, html_dir: Path) -> Path:
 
 
 def record_times(times: dict[str, dict]) -> None:
-    """Merge this run's reference wall times into results/run_times.json."""
+    """Merge reference wall times into results/run_times.json (after each notebook: a batch cut short keeps them)."""
     from common.results import read_json, write_json
 
     record = ROOT / "results" / "run_times.json"
@@ -104,7 +104,7 @@ def main() -> None:
     build = ROOT / "build" / ("smoke" if preset == "smoke" else "")
     reference = preset == REFERENCE_PRESET and args.out_dir is None
     extra = {"PRESET": args.preset} if args.preset else {}
-    times, failures = {}, []
+    failures = []
     for path in notebooks(args.nb):
         print(f"running {path.name} (preset {preset}) ...", flush=True)
         try:
@@ -116,11 +116,10 @@ def main() -> None:
         print(f"  done in {seconds:.1f} s", flush=True)
         if reference:
             results = read_json(ROOT / "results" / f"{path.stem}.json")
-            times[path.stem] = {"wall_s": round(seconds, 1), "earlier_s": results.get("train_s_earlier_sessions", 0)}
+            record_times({path.stem: {"wall_s": round(seconds, 1),
+                                      "earlier_s": results.get("train_s_earlier_sessions", 0)}})
         if not args.no_html:
             print(f"  html: {export_html(build / 'executed' / path.name, build / 'html')}")
-    if times:
-        record_times(times)
     if failures:
         raise SystemExit(f"{len(failures)} notebook(s) failed: {', '.join(failures)} (the failed runs are in "
                          f"{(build / 'failed').relative_to(ROOT)}/; the last good outputs were kept)")
