@@ -323,11 +323,12 @@ class BM25:
         norm = k1 * (1 - b + b * lengths[rows] / lengths.mean())
         weights = idf[tf.indices] * tf.data * (k1 + 1) / (tf.data + norm)
         self.weights = sp.csr_matrix((weights.astype(np.float32), tf.indices, tf.indptr), shape=tf.shape)
+        self.by_term = self.weights.T.tocsr()  # (V, n): a query reads only the rows of its own terms
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
         """(q, n) BM25 scores."""
         counts = self.vectorizer.transform(queries).astype(np.float32)
-        return (counts @ self.weights.T).toarray()
+        return (counts @ self.by_term).toarray()
 
     def search(self, queries: Sequence[str], k: int, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, ids), each (q, k), best first."""
