@@ -118,8 +118,9 @@ def render(results: dict[str, dict]) -> str:
     times = results.get("run_times")
     if times:
         per_notebook = ", ".join(f"{k[:2]} {v / 60:.1f}" for k, v in sorted(times["notebooks"].items()))
-        lines += ["", f"Reference run (cpu preset), all notebooks one after another: "
-                      f"{times['total_s'] / 60:.1f} min in total ({per_notebook} min)."]
+        lines += ["", f"Reference runs (cpu preset), each notebook's latest: {times['total_s'] / 60:.1f} min in total "
+                      f"({per_notebook} min). A run made while other jobs shared the CPU takes longer than on an "
+                      "idle machine."]
         earlier = times.get("earlier_training_s") or {}
         if earlier:
             lines += ["", "Training done by earlier, interrupted executions and resumed from checkpoints (not in "
