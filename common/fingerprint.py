@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -19,6 +20,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 PACKAGE = "common"
@@ -96,6 +99,23 @@ def _object_source(obj: object) -> str:
         return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+def _plain(value: object) -> object:
+    """JSON form of what ``json`` cannot write: a partial by its function and arguments, an array by
+    its content, an object by its class and attributes (never by a ``repr`` that holds a memory
+    address), else its ``repr``."""
+    if isinstance(value, functools.partial):
+        return {"partial": _describe(value.func), "args": value.args, "keywords": value.keywords}
+    if isinstance(value, (type, types.FunctionType, types.MethodType)):
+        return _describe(value)
+    if isinstance(value, (torch.Tensor, np.ndarray)):  # by content: a repr elides large arrays
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return {"array": str(array.dtype), "shape": list(array.shape),
+                "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()}
+    if hasattr(value, "__dict__"):
+        return {"class": _describe(type(value)), **vars(value)}
+    return repr(value)
+
+
 def _describe(part: object) -> str:
     """A text that changes whenever ``part`` would shape a result differently."""
     if isinstance(part, types.ModuleType):
@@ -111,8 +131,8 @@ def _describe(part: object) -> str:
         code = code_digest([module]) if module.split(".")[0] == PACKAGE else ""
         return f"code:{_object_source(part)}|{code}"
     if dataclasses.is_dataclass(part) and not isinstance(part, type):
-        return f"{type(part).__name__}:" + json.dumps(dataclasses.asdict(part), sort_keys=True, default=repr)
-    return json.dumps(part, sort_keys=True, default=repr)
+        return f"{type(part).__name__}:" + json.dumps(dataclasses.asdict(part), sort_keys=True, default=_plain)
+    return json.dumps(part, sort_keys=True, default=_plain)
 
 
 def fingerprint(*shaped_by: object, length: int = 12) -> str:

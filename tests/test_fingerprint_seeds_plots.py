@@ -85,3 +85,25 @@ def test_reference_levels_and_intervals_are_drawn_and_labelled():
     assert any(label.startswith("count bigram: 200 (off scale, above)") for label in labels)
     assert ax.get_ylim()[1] < 200  # the off-scale level did not squash the data
     plt.close(fig)
+
+
+def test_fingerprint_of_an_object_follows_its_class_and_attributes_not_its_address():
+    """A task object (a plain class instance) must give the same key in every process, so a
+    finished checkpoint is found again; its settings and its class's code still count."""
+    from functools import partial
+
+    from common.tasks import InductionHeads, SelectiveCopying, task_batches
+
+    assert fp.fingerprint(SelectiveCopying(64, 4, 8)) == fp.fingerprint(SelectiveCopying(64, 4, 8))
+    assert fp.fingerprint(SelectiveCopying(64, 4, 8)) != fp.fingerprint(SelectiveCopying(64, 4, 9))
+    assert fp.fingerprint(SelectiveCopying(64, 4, 8)) != fp.fingerprint(InductionHeads(64, 8))
+    nested = {"task": InductionHeads(32, 8), "batches": partial(task_batches, InductionHeads(32, 8), 4)}
+    assert fp.fingerprint(nested) == fp.fingerprint({"task": InductionHeads(32, 8),
+                                                     "batches": partial(task_batches, InductionHeads(32, 8), 4)})
+    assert " at 0x" not in fp._describe(nested)
+    import torch
+
+    from common.tasks import PlantedCopy
+
+    assert fp.fingerprint({"t": torch.arange(5000)}) != fp.fingerprint({"t": torch.arange(5000).flip(0)})
+    assert fp.fingerprint(PlantedCopy(64, 16, 8, 4)) == fp.fingerprint(PlantedCopy(64, 16, 8, 4))
