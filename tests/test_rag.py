@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import rag
+from common import rag, rag_questions
 
 RECORDS = [
     {"title": "Alpha", "extract": "Alpha is the first letter. It comes before beta! Is it old? Yes, very old."},
@@ -160,19 +160,19 @@ def test_typographic_dashes_and_quotes_become_spaces():
 def test_question_set_is_grounded_in_its_articles():
     by_title = {r["title"]: r for r in RECORDS}
     with pytest.raises(ValueError, match="no article"):
-        rag.check_questions([{"title": "Moon", "question": "q", "answers": ["x"]}], by_title)
+        rag_questions.check_questions([{"title": "Moon", "question": "q", "answers": ["x"]}], by_title)
     with pytest.raises(ValueError, match="none of"):
-        rag.check_questions([{"title": "Nile", "question": "q", "answers": ["Amazon"]}], by_title)
-    rag.check_questions([{"title": "Nile", "question": "q", "answers": ["Africa"]}], by_title)
+        rag_questions.check_questions([{"title": "Nile", "question": "q", "answers": ["Amazon"]}], by_title)
+    rag_questions.check_questions([{"title": "Nile", "question": "q", "answers": ["Africa"]}], by_title)
     dashed = {"Aquinas": {"title": "Aquinas", "extract": "Thomas Aquinas (1225–1274) was a friar."}}
-    rag.check_questions([{"title": "Aquinas", "question": "When did he die?", "answers": ["1274"]}], dashed)
+    rag_questions.check_questions([{"title": "Aquinas", "question": "When did he die?", "answers": ["1274"]}], dashed)
     with pytest.raises(ValueError, match="names its answer"):
-        rag.check_questions([{"title": "Nile", "question": "Which river, the Nile?", "answers": ["Nile"],
+        rag_questions.check_questions([{"title": "Nile", "question": "Which river, the Nile?", "answers": ["Nile"],
                               "entity_free": True}], by_title)
     with pytest.raises(ValueError, match="twice"):
-        rag.check_questions([{"title": "Nile", "question": "q", "answers": ["Africa"]}] * 2, by_title)
+        rag_questions.check_questions([{"title": "Nile", "question": "q", "answers": ["Africa"]}] * 2, by_title)
     with pytest.raises(ValueError, match="both dev and test"):
-        rag.check_questions([{"title": "Nile", "question": "q1", "answers": ["Africa"], "split": "dev"},
+        rag_questions.check_questions([{"title": "Nile", "question": "q1", "answers": ["Africa"], "split": "dev"},
                              {"title": "Nile", "question": "q2", "answers": ["long"], "split": "test"}], by_title)
 
 
@@ -180,11 +180,11 @@ def test_unanswerable_questions_name_words_that_no_article_holds():
     by_title = {r["title"]: r for r in RECORDS}
     ok = {"title": None, "type": "unanswerable", "question": "Where is Quenthor?", "answers": [],
           "absent": ["Quenthor"]}
-    rag.check_questions([ok], by_title)
+    rag_questions.check_questions([ok], by_title)
     with pytest.raises(ValueError, match="occur in the corpus"):
-        rag.check_questions([ok | {"absent": ["beta"]}], by_title)
+        rag_questions.check_questions([ok | {"absent": ["beta"]}], by_title)
     with pytest.raises(ValueError, match="needs title None"):
-        rag.check_questions([ok | {"absent": []}], by_title)
+        rag_questions.check_questions([ok | {"absent": []}], by_title)
 
 
 GENERATED = [
@@ -202,8 +202,8 @@ GENERATED = [
 
 
 def test_generated_questions_follow_their_kind():
-    by_kind = {kind: {q["title"]: q for q in rag.candidate_questions(GENERATED, kind)}
-               for kind in rag.QUESTION_TYPES[2:6]}
+    by_kind = {kind: {q["title"]: q for q in rag_questions.candidate_questions(GENERATED, kind)}
+               for kind in rag_questions.QUESTION_TYPES[2:6]}
     descriptions, definitions = by_kind["entity-free, description"], by_kind["entity-free, definition"]
     expected = "Who was the English mathematician and computer scientist (1912–1954)?"
     assert descriptions["Alan Turing"]["question"] == expected
@@ -213,13 +213,13 @@ def test_generated_questions_follow_their_kind():
     assert definitions["Alan Turing"]["question"].startswith("Who was an English mathematician")
     assert definitions["Jupiter"]["answers"] == ["Jupiter"]
     year, number = by_kind["named, cloze year"]["Jupiter"], by_kind["named, cloze number"]["Jupiter"]
-    assert year["answers"] == ["1610"] and rag.BLANK in year["question"] and "1610" not in year["question"]
+    assert year["answers"] == ["1610"] and rag_questions.BLANK in year["question"] and "1610" not in year["question"]
     assert number["answers"] == ["318"] and "(Jupiter)" in number["question"]
     for kind in by_kind.values():
-        rag.check_questions([q | {"entity_free": q["type"].startswith("entity")} for q in kind.values()],
+        rag_questions.check_questions([q | {"entity_free": q["type"].startswith("entity")} for q in kind.values()],
                             {r["title"]: r for r in GENERATED})
     with pytest.raises(ValueError, match="kind"):
-        rag.candidate_questions(GENERATED, "cloze")
+        rag_questions.candidate_questions(GENERATED, "cloze")
 
 
 def test_question_set_split_shares_no_article():
@@ -227,25 +227,26 @@ def test_question_set_split_shares_no_article():
              "split": "dev"},
             {"title": None, "type": "unanswerable", "question": "Where is Quenthor?", "answers": [],
              "absent": ["Quenthor"], "split": "test"}]
-    built = rag.build_question_set(GENERATED, hand, {"named, cloze year": (0, 1), "entity-free, definition": (1, 1)})
+    built = rag_questions.build_question_set(GENERATED, hand,
+                                             {"named, cloze year": (0, 1), "entity-free, definition": (1, 1)})
     assert [q["split"] for q in built[:2]] == ["dev", "test"] and len(built) == 5
     assert all(q["title"] != "Mars" for q in built[2:])  # a hand-written question's article is not reused
-    rag.check_questions(built, {r["title"]: r for r in GENERATED})
+    rag_questions.check_questions(built, {r["title"]: r for r in GENERATED})
     with pytest.raises(ValueError, match="candidates"):
-        rag.build_question_set(GENERATED, hand, {"named, cloze year": (1, 1)})
+        rag_questions.build_question_set(GENERATED, hand, {"named, cloze year": (1, 1)})
 
 
 def test_the_project_question_set():
     from common.data import load_wikipedia_summaries
 
-    questions = rag.load_questions()
-    test = rag.load_questions(split="test")
+    questions = rag_questions.load_questions()
+    test = rag_questions.load_questions(split="test")
     assert len(questions) >= 300 and len(test) >= 200
-    assert sum(q["type"] == rag.UNANSWERABLE for q in test) >= 20
+    assert sum(q["type"] == rag_questions.UNANSWERABLE for q in test) >= 20
     assert sum(q["entity_free"] for q in test) >= 100
-    rag.check_questions(questions, {r["title"]: r for r in load_wikipedia_summaries()})
+    rag_questions.check_questions(questions, {r["title"]: r for r in load_wikipedia_summaries()})
     with pytest.raises(ValueError, match="split"):
-        rag.load_questions(split="train")
+        rag_questions.load_questions(split="train")
 
 
 def test_diagnose_separates_the_failure_modes():
