@@ -1,6 +1,6 @@
 """The GPT core side by side with a nanoGPT-style model and Hugging Face GPT-2, same configuration.
 
-    python scripts/bench_core.py [--rounds 9] [--threads 1] [--device auto]
+    python scripts/bench_core.py [--rounds 9] [--seeds 0 1 2] [--threads 1] [--device auto]
 
 Three implementations of one decoder (d=128, 4 layers, 4 heads, vocabulary 10,000 (PTB words),
 pre-norm, exact GELU, tied head, dropout 0, fused SDPA attention) start from the same weights
@@ -17,7 +17,10 @@ interleaved rounds with a fixed thread count:
 - uncached generation: the same, recomputing the whole sequence at every step.
 
 Also: the project's SDPA attention against its explicit softmax(QKᵀ/√d) path (training step,
-peak memory). Writes results/00_core_benchmark.json: medians, IQRs, and the ratios project / Hugging Face.
+peak memory). The whole benchmark is repeated once per seed (models initialised from it).
+Writes results/00_core_benchmark.json: medians and IQRs over the rounds of all seeds, and the
+ratios project / Hugging Face: the mean over seeds of each seed's ratio of medians, with its
+Student-t interval (``ratios_ci``) and the IQR of the per-round ratios (``ratios_iqr``).
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.bench import fixed_threads, peak_memory, ratio_spread, time_interleaved  # noqa: E402
+from common.bench import Timing, fixed_threads, peak_memory, ratio_spread, time_interleaved  # noqa: E402
 from common.data import prepare_lm_data, random_windows  # noqa: E402
 from common.generate import generate  # noqa: E402
 from common.model import GPT, GPTConfig  # noqa: E402
 from common.results import RunRecord  # noqa: E402
 from common.runtime import pick_device, set_seed  # noqa: E402
+from common.stats import mean_ci  # noqa: E402
 from common.train import TrainConfig, make_optimizer  # noqa: E402
 
 BATCH, CONTEXT, GENERATION_CONTEXT, PROMPT, NEW_TOKENS = 16, 128, 512, 16, 256
@@ -222,65 +226,99 @@ def summarise(timings: dict) -> dict:
     return {name: {"median_ms": 1e3 * t.median, "iqr_ms": 1e3 * t.iqr} for name, t in timings.items()}
 
 
+def measure(seed: int, data, rounds: int, device: torch.device) -> tuple[dict, dict]:
+    """Every path and both attention backends timed once, with models initialised from ``seed``.
+
+    Returns ``(paths, checks)``: ``paths[path][implementation]`` and ``paths["backend_*"]`` are
+    ``Timing``s; ``checks`` holds the logit differences, the greedy-token match and the peak memory.
+    """
+    set_seed(seed)
+    trained = {"project": project_model(data.vocab_size, CONTEXT).to(device)}
+    trained["nanogpt"] = nano_from(trained["project"]).to(device)
+    trained["hugging_face"] = hugging_face_from(trained["project"]).to(device)
+    idx = data.test[: BATCH * CONTEXT].view(BATCH, CONTEXT).to(device)
+    checks = {"max_logit_difference": same_logits(trained["project"], trained["nanogpt"],
+                                                  trained["hugging_face"], idx),
+              "params": trained["project"].num_parameters()}
+    paths = {"train_step": time_interleaved(training_steps(trained, data, device), rounds, 1, device)}
+
+    set_seed(seed)
+    model = project_model(data.vocab_size, GENERATION_CONTEXT).to(device)
+    nano, hf = nano_from(model).to(device), hugging_face_from(model).to(device)
+    prompt = data.test[:PROMPT][None].to(device)
+    check = generate(model, prompt, NEW_TOKENS, temperature=0)
+    checks["greedy_tokens_equal_hugging_face"] = bool(torch.equal(check, hugging_face_greedy(hf, prompt, True)))
+    for path, calls in inference_calls(model, nano, hf, idx, prompt).items():
+        paths[path] = time_interleaved(calls, rounds, 1, device)
+        print(f"seed {seed} {path}: " + ", ".join(f"{n} {1e3 * t.median:.1f} ms" for n, t in paths[path].items()),
+              flush=True)
+
+    set_seed(seed)
+    backends = {b: project_model(data.vocab_size, CONTEXT, b).to(device) for b in ("sdpa", "explicit")}
+    backend_steps = training_steps(backends, data, device)
+    paths["attention_backends"] = time_interleaved(backend_steps, rounds, 1, device)
+    checks["peak_memory_mb"] = {b: peak_memory(step, device) / 2**20 for b, step in backend_steps.items()}
+    return paths, checks
+
+
+def pooled(per_seed: list[dict]) -> dict:
+    """The seeds' timings of each path and implementation as one ``Timing`` (rounds of all seeds)."""
+    return {path: {name: Timing.of([x for run in per_seed for x in run[path][name].samples])
+                   for name in per_seed[0][path]}
+            for path in per_seed[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per path (>= 7)")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per path and seed (>= 7)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one repeat of the whole benchmark per seed, with models initialised from it (>= 2)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
     if args.rounds < 7:
         raise SystemExit(f"--rounds must be >= 7 (the protocol's minimum), got {args.rounds}")
+    if len(set(args.seeds)) < 2:
+        raise SystemExit(f"--seeds needs at least two different seeds for an interval, got {args.seeds}")
     device = pick_device(args.device)
-    record = RunRecord("00_core_benchmark", "gpu" if device.type == "cuda" else "cpu", 0, device, args.out)
+    record = RunRecord("00_core_benchmark", "gpu" if device.type == "cuda" else "cpu", args.seeds[0], device, args.out)
     data = prepare_lm_data("ptb", "word")
-    results: dict = {"model": "GPT d=128, 4 layers, 4 heads, vocabulary 10,000 (PTB words), dropout 0, fused SDPA",
-                     "threads": args.threads, "dropout": 0.0, "rounds": args.rounds,
-                     "shapes": {"train_batch": BATCH, "train_context": CONTEXT, "prompt": PROMPT,
-                                "new_tokens": NEW_TOKENS, "generation_context": GENERATION_CONTEXT}}
     with fixed_threads(args.threads):
-        set_seed(0)
-        trained = {"project": project_model(data.vocab_size, CONTEXT).to(device)}
-        trained["nanogpt"] = nano_from(trained["project"]).to(device)
-        trained["hugging_face"] = hugging_face_from(trained["project"]).to(device)
-        idx = data.test[: BATCH * CONTEXT].view(BATCH, CONTEXT).to(device)
-        results["max_logit_difference"] = same_logits(trained["project"], trained["nanogpt"],
-                                                      trained["hugging_face"], idx)
-        paths = {"train_step": time_interleaved(training_steps(trained, data, device), args.rounds, 1, device)}
-
-        set_seed(0)
-        model = project_model(data.vocab_size, GENERATION_CONTEXT).to(device)
-        nano, hf = nano_from(model).to(device), hugging_face_from(model).to(device)
-        prompt = data.test[:PROMPT][None].to(device)
-        check = generate(model, prompt, NEW_TOKENS, temperature=0)
-        reference = hugging_face_greedy(hf, prompt, use_cache=True)
-        results["greedy_tokens_equal_hugging_face"] = bool(torch.equal(check, reference))
-        for path, calls in inference_calls(model, nano, hf, idx, prompt).items():
-            paths[path] = time_interleaved(calls, args.rounds, 1, device)
-            print(f"{path}: " + ", ".join(f"{n} {1e3 * t.median:.1f} ms" for n, t in paths[path].items()), flush=True)
-
-        backends = {b: project_model(data.vocab_size, CONTEXT, b).to(device) for b in ("sdpa", "explicit")}
-        backend_steps = training_steps(backends, data, device)
-        backend_times = time_interleaved(backend_steps, args.rounds, 1, device)
-        results["attention_backends"] = {b: {"step_ms": 1e3 * t.median, "iqr_ms": 1e3 * t.iqr,
-                                             "tokens_per_s": BATCH * CONTEXT / t.median,
-                                             "peak_memory_mb": peak_memory(backend_steps[b], device) / 2**20}
-                                         for b, t in backend_times.items()}
-
-    results["paths"] = {path: summarise(timings) for path, timings in paths.items()}
+        runs = [measure(seed, data, args.rounds, device) for seed in args.seeds]
+    per_seed, checks = [paths for paths, _ in runs], [c for _, c in runs]
+    paths = pooled(per_seed)
+    backends = paths.pop("attention_backends")
+    results: dict = {
+        "model": "GPT d=128, 4 layers, 4 heads, vocabulary 10,000 (PTB words), dropout 0, fused SDPA",
+        "threads": args.threads, "dropout": 0.0, "rounds": args.rounds, "seeds": args.seeds,
+        "shapes": {"train_batch": BATCH, "train_context": CONTEXT, "prompt": PROMPT,
+                   "new_tokens": NEW_TOKENS, "generation_context": GENERATION_CONTEXT},
+        "max_logit_difference": {name: max(c["max_logit_difference"][name] for c in checks)
+                                 for name in checks[0]["max_logit_difference"]},
+        "greedy_tokens_equal_hugging_face": all(c["greedy_tokens_equal_hugging_face"] for c in checks),
+        "attention_backends": {b: {"step_ms": 1e3 * t.median, "iqr_ms": 1e3 * t.iqr,
+                                   "tokens_per_s": BATCH * CONTEXT / t.median,
+                                   "peak_memory_mb": max(c["peak_memory_mb"][b] for c in checks)}
+                               for b, t in backends.items()},
+        "paths": {path: summarise(timings) for path, timings in paths.items()},
+    }
     ratio_keys = {"train_step": "train_vs_hf", "forward_full": "forward_full_vs_hf",
                   "forward_last": "forward_last_vs_hf", "generate_cached": "generate_cached_vs_hf",
                   "generate_uncached": "generate_uncached_vs_hf"}
-    results["ratios"], results["ratios_iqr"] = {}, {}
+    results["ratios"], results["ratios_ci"], results["ratios_iqr"] = {}, {}, {}
     for path, key in ratio_keys.items():
-        ratio, spread = ratio_spread(paths[path]["project"], paths[path]["hugging_face"])
-        results["ratios"][key], results["ratios_iqr"][key] = ratio, spread
+        # one ratio of medians per seed; the interval is over seeds, the IQR over all rounds
+        estimate = mean_ci([ratio_spread(run[path]["project"], run[path]["hugging_face"])[0] for run in per_seed])
+        results["ratios"][key], results["ratios_ci"][key] = estimate.value, [estimate.low, estimate.high]
+        results["ratios_iqr"][key] = ratio_spread(paths[path]["project"], paths[path]["hugging_face"])[1]
     results["ratios_vs_nanogpt"] = {path: ratio_spread(paths[path]["project"], paths[path]["nanogpt"])[0]
                                     for path in ("train_step", "forward_full", "forward_last", "generate_uncached")}
     results["cached_tokens_per_s"] = {n: NEW_TOKENS / t.median for n, t in paths["generate_cached"].items()}
-    results["params"] = trained["project"].num_parameters()
+    results["params"] = checks[0]["params"]
     for key, ratio in results["ratios"].items():
-        print(f"{key}: project / Hugging Face = {ratio:.2f} (IQR {results['ratios_iqr'][key]:.2f})")
+        low, high = results["ratios_ci"][key]
+        print(f"{key}: project / Hugging Face = {ratio:.2f} [{low:.2f}, {high:.2f}] over seeds {args.seeds}")
     print(f"results -> {record.save(results)}")
 
 
