@@ -16,6 +16,7 @@ import math
 import numbers
 import shutil
 import textwrap
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ class Run:
     record: RunRecord
     checkpoints_used: list[Path] = field(default_factory=list)
     committed: bool = False
+    started: float = field(default_factory=time.time)
 
     @property
     def smoke(self) -> bool:
@@ -129,13 +131,15 @@ class Run:
         return path
 
     def training_seconds(self) -> dict[str, float]:
-        """Training time behind the checkpoints this run used: in all, and in earlier sessions."""
+        """Training time behind the checkpoints this run used: in all, and in earlier sessions (all of
+        a checkpoint this run did not write, the part before the resume of one it resumed)."""
         total = earlier = 0.0
         for path in dict.fromkeys(self.checkpoints_used):
             if path.exists():
                 state = train_module.read_checkpoint(path)["state"]
-                total += state.get("train_seconds", 0.0)
-                earlier += state.get("resumed_seconds", 0.0)
+                seconds = state.get("train_seconds", 0.0)
+                total += seconds
+                earlier += seconds if path.stat().st_mtime < self.started else state.get("resumed_seconds", 0.0)
         return {"train_s": total, "train_s_earlier_sessions": earlier}
 
     def save_results(self, metrics: dict) -> Path:

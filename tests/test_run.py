@@ -130,6 +130,9 @@ def test_stale_checkpoint_is_announced_and_not_loaded(tmp_path, capsys):
     assert "not loading 1 checkpoint(s) of 'gpt'" in capsys.readouterr().out
     seconds = run.training_seconds()
     assert seconds["train_s"] > 0 and seconds["train_s_earlier_sessions"] == 0
+    later = start_run("99_test", smoke=True, out_dir=tmp_path)  # a later session loads the finished checkpoint
+    assert later.checkpoint("gpt", TrainConfig(steps=3, warmup_steps=1), config) == first
+    assert later.training_seconds()["train_s_earlier_sessions"] == seconds["train_s"]
 
 
 @pytest.mark.parametrize("args, message", [
