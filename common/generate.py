@@ -7,7 +7,6 @@ an object with ``.logits`` (B, L, V), like ``common.model.GPT``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -133,12 +132,6 @@ def check_prompt(prompt: torch.Tensor, vocab_size: int) -> None:
 
 # ---------------------------------------------------------------------------------------
 # measures of generated text
-
-
-def distinct_n(tokens: Sequence[str], n: int) -> float:
-    """distinct-n (Li et al. 2016): unique n-grams / all n-grams of one text (0 if too short)."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 @torch.no_grad()

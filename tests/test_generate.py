@@ -71,14 +71,6 @@ def test_bad_sampling_arguments_raise(kwargs, message):
         sample_next(torch.randn(1, 5), **kwargs)
 
 
-def test_distinct_n():
-    from common.generate import distinct_n
-
-    assert distinct_n("a b a b".split(), 1) == 0.5
-    assert distinct_n("a b a b".split(), 2) == 2 / 3
-    assert distinct_n(["a"], 2) == 0.0
-
-
 def test_continuation_nll_scores_only_the_continuation(model):
     from common.generate import continuation_nll
 
