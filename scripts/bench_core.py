@@ -19,8 +19,9 @@ interleaved rounds with a fixed thread count:
 Also: the project's SDPA attention against its explicit softmax(QKᵀ/√d) path (training step,
 peak memory). The whole benchmark is repeated once per seed (models initialised from it).
 Writes results/00_core_benchmark.json: medians and IQRs over the rounds of all seeds, and the
-ratios project / Hugging Face: the mean over seeds of each seed's ratio of medians, with its
-Student-t interval (``ratios_ci``) and the IQR of the per-round ratios (``ratios_iqr``).
+ratios project / Hugging Face and project / nanoGPT: the mean over seeds of each seed's ratio of
+medians, with its Student-t interval (``ratios_ci``, ``ratios_vs_nanogpt_ci``), and the IQR of the
+per-round ratios (``ratios_iqr``). The record's ``seed`` is the first seed; ``seeds`` lists them all.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from common.generate import generate  # noqa: E402
 from common.model import GPT, GPTConfig  # noqa: E402
 from common.results import RunRecord  # noqa: E402
 from common.runtime import pick_device, set_seed  # noqa: E402
+from common.seeds import check_seeds  # noqa: E402
 from common.stats import mean_ci  # noqa: E402
 from common.train import TrainConfig, make_optimizer  # noqa: E402
 
@@ -229,8 +231,8 @@ def summarise(timings: dict) -> dict:
 def measure(seed: int, data, rounds: int, device: torch.device) -> tuple[dict, dict]:
     """Every path and both attention backends timed once, with models initialised from ``seed``.
 
-    Returns ``(paths, checks)``: ``paths[path][implementation]`` and ``paths["backend_*"]`` are
-    ``Timing``s; ``checks`` holds the logit differences, the greedy-token match and the peak memory.
+    Returns ``(paths, checks)``: ``paths[path][implementation]`` and ``paths["attention_backends"][backend]``
+    are ``Timing``s; ``checks`` holds the logit differences, the greedy-token match and the peak memory.
     """
     set_seed(seed)
     trained = {"project": project_model(data.vocab_size, CONTEXT).to(device)}
@@ -261,6 +263,12 @@ def measure(seed: int, data, rounds: int, device: torch.device) -> tuple[dict, d
     return paths, checks
 
 
+def seed_ratio(per_seed: list[dict], path: str, numerator: str, denominator: str):
+    """Time ratio ``numerator / denominator`` on ``path``: one ratio of medians per seed, their mean with
+    its Student-t interval (``Estimate``)."""
+    return mean_ci([ratio_spread(run[path][numerator], run[path][denominator])[0] for run in per_seed])
+
+
 def pooled(per_seed: list[dict]) -> dict:
     """The seeds' timings of each path and implementation as one ``Timing`` (rounds of all seeds)."""
     return {path: {name: Timing.of([x for run in per_seed for x in run[path][name].samples])
@@ -279,19 +287,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 7:
         raise SystemExit(f"--rounds must be >= 7 (the protocol's minimum), got {args.rounds}")
-    if len(set(args.seeds)) < 2:
-        raise SystemExit(f"--seeds needs at least two different seeds for an interval, got {args.seeds}")
+    try:
+        seeds = check_seeds(args.seeds)
+    except ValueError as error:
+        raise SystemExit(f"--seeds: {error}") from None
+    if len(seeds) < 2:
+        raise SystemExit(f"--seeds needs at least two seeds for an interval, got {seeds}")
     device = pick_device(args.device)
-    record = RunRecord("00_core_benchmark", "gpu" if device.type == "cuda" else "cpu", args.seeds[0], device, args.out)
+    record = RunRecord("00_core_benchmark", "gpu" if device.type == "cuda" else "cpu", seeds[0], device, args.out)
     data = prepare_lm_data("ptb", "word")
     with fixed_threads(args.threads):
-        runs = [measure(seed, data, args.rounds, device) for seed in args.seeds]
+        runs = [measure(seed, data, args.rounds, device) for seed in seeds]
     per_seed, checks = [paths for paths, _ in runs], [c for _, c in runs]
     paths = pooled(per_seed)
     backends = paths.pop("attention_backends")
     results: dict = {
         "model": "GPT d=128, 4 layers, 4 heads, vocabulary 10,000 (PTB words), dropout 0, fused SDPA",
-        "threads": args.threads, "dropout": 0.0, "rounds": args.rounds, "seeds": args.seeds,
+        "threads": args.threads, "dropout": 0.0, "rounds": args.rounds, "seeds": seeds,
         "shapes": {"train_batch": BATCH, "train_context": CONTEXT, "prompt": PROMPT,
                    "new_tokens": NEW_TOKENS, "generation_context": GENERATION_CONTEXT},
         "max_logit_difference": {name: max(c["max_logit_difference"][name] for c in checks)
@@ -307,18 +319,20 @@ def main() -> None:
                   "forward_last": "forward_last_vs_hf", "generate_cached": "generate_cached_vs_hf",
                   "generate_uncached": "generate_uncached_vs_hf"}
     results["ratios"], results["ratios_ci"], results["ratios_iqr"] = {}, {}, {}
-    for path, key in ratio_keys.items():
-        # one ratio of medians per seed; the interval is over seeds, the IQR over all rounds
-        estimate = mean_ci([ratio_spread(run[path]["project"], run[path]["hugging_face"])[0] for run in per_seed])
+    for path, key in ratio_keys.items():  # the interval is over seeds, the IQR over the rounds of all seeds
+        estimate = seed_ratio(per_seed, path, "project", "hugging_face")
         results["ratios"][key], results["ratios_ci"][key] = estimate.value, [estimate.low, estimate.high]
         results["ratios_iqr"][key] = ratio_spread(paths[path]["project"], paths[path]["hugging_face"])[1]
-    results["ratios_vs_nanogpt"] = {path: ratio_spread(paths[path]["project"], paths[path]["nanogpt"])[0]
-                                    for path in ("train_step", "forward_full", "forward_last", "generate_uncached")}
+    results["ratios_vs_nanogpt"], results["ratios_vs_nanogpt_ci"] = {}, {}
+    for path in ("train_step", "forward_full", "forward_last", "generate_uncached"):
+        estimate = seed_ratio(per_seed, path, "project", "nanogpt")
+        results["ratios_vs_nanogpt"][path] = estimate.value
+        results["ratios_vs_nanogpt_ci"][path] = [estimate.low, estimate.high]
     results["cached_tokens_per_s"] = {n: NEW_TOKENS / t.median for n, t in paths["generate_cached"].items()}
     results["params"] = checks[0]["params"]
     for key, ratio in results["ratios"].items():
         low, high = results["ratios_ci"][key]
-        print(f"{key}: project / Hugging Face = {ratio:.2f} [{low:.2f}, {high:.2f}] over seeds {args.seeds}")
+        print(f"{key}: project / Hugging Face = {ratio:.2f} [{low:.2f}, {high:.2f}] over seeds {seeds}")
     print(f"results -> {record.save(results)}")
 
 

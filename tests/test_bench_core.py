@@ -27,3 +27,16 @@ def test_copied_weights_give_the_same_logits_and_greedy_text():
                             do_sample=False, pad_token_id=0)
     assert torch.equal(generate(model, prompt, 10, temperature=0), reference)
     assert torch.equal(nano.generate(prompt, 10), reference)
+
+
+def test_seed_ratios_and_pooled_rounds():
+    from bench_core import pooled, seed_ratio
+
+    from common.bench import Timing
+
+    per_seed = [{"train_step": {"project": Timing.of([1.0, 1.0, 1.0]), "hugging_face": Timing.of([2.0, 2.0, 2.0])}},
+                {"train_step": {"project": Timing.of([3.0, 3.0, 3.0]), "hugging_face": Timing.of([4.0, 4.0, 4.0])}}]
+    estimate = seed_ratio(per_seed, "train_step", "project", "hugging_face")
+    assert estimate.value == (0.5 + 0.75) / 2 and estimate.low < 0.5 and estimate.high > 0.75
+    merged = pooled(per_seed)["train_step"]
+    assert merged["project"].samples == [1.0] * 3 + [3.0] * 3 and merged["hugging_face"].median == 3.0
