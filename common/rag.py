@@ -163,10 +163,11 @@ class OnnxEncoder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        pooling = sentence_transformer[1]
-        mean = getattr(pooling, "pooling_mode", "mean") == "mean" or getattr(pooling, "pooling_mode_mean_tokens", False)
-        if not mean:
-            raise ValueError("OnnxEncoder implements mean pooling only")
+        modules = [type(m).__name__ for m in sentence_transformer]
+        pooling = getattr(sentence_transformer[1], "pooling_mode", None) if len(modules) > 1 else None
+        if modules[1:2] != ["Pooling"] or pooling != "mean":
+            raise ValueError(f"OnnxEncoder implements Transformer -> mean Pooling (-> Normalize), got {modules} "
+                             f"with pooling {pooling!r}")
         self.max_seq_length = int(sentence_transformer.max_seq_length)
         self.model_id = f"{model_id}/onnx{'-int8' if quantize else ''}"
         path = self.export(sentence_transformer[0].auto_model, model_id, Path(cache_dir), quantize)
@@ -472,7 +473,7 @@ class Generator:
         tokenizer.padding_side = "right" if self.seq2seq else "left"
         pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         self.newline_ids = torch.tensor([i for i, piece in enumerate(pieces) if "\n" in piece], dtype=torch.long)
-        self.end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        self.stop_ids = set(self.newline_ids.tolist()) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
 
     @property
     def device(self) -> torch.device:
@@ -488,7 +489,7 @@ class Generator:
     def _first_line(self, tokens: list[int], logprobs: list[float], max_new_tokens: int) -> Answer:
         kept, total, finished = [], 0.0, False
         for token, logprob in zip(tokens, logprobs):
-            if token in self.end_ids or token in self._newline_set:
+            if token in self.stop_ids:
                 finished = True
                 break
             kept.append(token)
@@ -506,7 +507,6 @@ class Generator:
         """
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
-        self._newline_set = set(self.newline_ids.tolist())
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[Answer | None] = [None] * len(prompts)
         for start in range(0, len(order), batch_size):

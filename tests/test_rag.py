@@ -348,6 +348,9 @@ def test_onnx_encoder_matches_the_sentence_transformer(tmp_path):
     int8 = rag.OnnxEncoder(model, "tiny-bert", tmp_path / "cache", quantize=True)
     cosine = np.sum(int8.encode(texts) * reference, axis=1)
     assert np.all(cosine > 0.9) and "int8" in int8.model_id
+    model[1].pooling_mode = "cls"
+    with pytest.raises(ValueError, match="mean Pooling"):
+        rag.OnnxEncoder(model, "tiny-bert", tmp_path / "cache")
 
 
 def _tiny_generator():
