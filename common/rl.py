@@ -664,8 +664,9 @@ def context_run(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], 
             "loss": info["loss"]}
 
 
-def aggregate(cfg: dict, runs: Sequence[dict], ablation: dict[int, list[dict]], data: Trajectories) -> dict:
-    """The results-file metrics from the per-seed runs: intervals over training seeds."""
+def seed_metrics(cfg: dict, runs: Sequence[dict], data: Trajectories) -> dict:
+    """The results-file metrics of the per-seed runs (``seed_experiment``): DT per target and action mode,
+    its calibration, the baselines and the comparisons, with intervals over training seeds."""
     from common.stats import compare
 
     seeds = [r["seed"] for r in runs]
@@ -690,24 +691,34 @@ def aggregate(cfg: dict, runs: Sequence[dict], ablation: dict[int, list[dict]], 
     out["comparisons"]["argmax_vs_sampled_mae"] = compare(
         [r["dt"]["argmax"]["mae"] for r in runs], [r["dt"]["sampled"]["mae"] for r in runs],
         higher_is_better=False, paired=True, names=("arg-max", "sampled")).to_dict()
+    return out
+
+
+def ablation_metrics(cfg: dict, ablation: dict[int, list[dict]]) -> dict:
+    """The context ablation (``context_run`` per K and seed) as results-file metrics: per K its calibration,
+    loss and training time over seeds, and each K against the largest."""
+    from common.stats import compare
+
     contexts = sorted(ablation)
-    ablation_seeds = [r["seed"] for r in ablation[contexts[0]]]
-    out["context_ablation"] = {
-        "held_equal": (f"{cfg['batch_size'] * cfg['model']['context']} supervised action slots per step "
-                       f"(windows per step = {cfg['batch_size'] * cfg['model']['context']} / K), {cfg['steps']} steps"),
-        "mode": mode, "seeds": ablation_seeds,
+    seeds = [r["seed"] for r in ablation[contexts[0]]]
+    actions = cfg["batch_size"] * cfg["model"]["context"]
+    largest = contexts[-1]
+    return {
+        "held_equal": (f"{actions} supervised action slots per step (windows per step = {actions} / K), "
+                       f"{cfg['steps']} steps"),
+        "mode": cfg["mode"], "seeds": seeds,
         "per_context": {f"K={k}": {"batch_size": ablation_batch_size(cfg, k),
-                                   **{key: seed_summary([r[key] for r in ablation[k]], ablation_seeds)
+                                   "returns_mean": [seed_summary([r["returns_mean"][j] for r in ablation[k]], seeds)
+                                                    for j in range(len(cfg["targets"]))],
+                                   **{key: seed_summary([r[key] for r in ablation[k]], seeds)
                                       for key in ("spearman", "mae", "slope", "loss", "train_s")}}
                         for k in contexts},
+        "comparisons": {
+            f"K={k}_vs_K={largest}_mae": compare([r["mae"] for r in ablation[k]], [r["mae"] for r in ablation[largest]],
+                                                 higher_is_better=False, paired=True,
+                                                 names=(f"K={k}", f"K={largest}")).to_dict()
+            for k in contexts[:-1]},
     }
-    largest = contexts[-1]
-    out["context_ablation"]["comparisons"] = {
-        f"K={k}_vs_K={largest}_mae": compare([r["mae"] for r in ablation[k]], [r["mae"] for r in ablation[largest]],
-                                             higher_is_better=False, paired=True,
-                                             names=(f"K={k}", f"K={largest}")).to_dict()
-        for k in contexts[:-1]}
-    return out
 
 
 def run_experiment(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path], seed: int,
@@ -718,7 +729,7 @@ def run_experiment(cfg: dict, data: Trajectories, checkpoint: Callable[..., Path
             for s in training_seeds(cfg, seed)]
     ablation = {k: [context_run(cfg, data, checkpoint, r["seed"], k, device, eval_seed, progress, main=r)
                     for r in runs[:cfg["ablation_seeds"]]] for k in cfg["contexts"]}
-    return aggregate(cfg, runs, ablation, data)
+    return {**seed_metrics(cfg, runs, data), "context_ablation": ablation_metrics(cfg, ablation)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
