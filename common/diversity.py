@@ -25,6 +25,16 @@ def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
 
+def closest_length(length: int, references: Sequence[int]) -> int:
+    """The reference length closest to a hypothesis of ``length`` tokens (ties: the shorter), BLEU's r."""
+    return min(references, key=lambda n: (abs(n - length), n))
+
+
+def brevity_penalty(length: int, reference: int) -> float:
+    """BLEU's BP = min(1, exp(1 - r / c)), c = ``length`` hypothesis tokens, r = ``reference`` tokens."""
+    return 1.0 if length >= reference else math.exp(1 - reference / max(length, 1))
+
+
 def distinct_n(tokens: Sequence[str], n: int) -> float:
     """Unique n-grams / all n-grams of one text (0 when it has no n-gram)."""
     grams = ngrams(tokens, n)
@@ -78,8 +88,6 @@ def self_bleu(texts: Sequence[Sequence[str]], max_n: int = 4, epsilon: float = 0
                 top, second, owner = best[level][gram]
                 matched += min(c, second if owner == index else top)
             log_precision += math.log(matched / total if matched else epsilon / total)
-        others = [n for j, n in enumerate(lengths) if j != index]
-        reference = min(others, key=lambda n: (abs(n - length), n))
-        brevity = 1.0 if length >= reference else math.exp(1 - reference / length)
-        scores.append(brevity * math.exp(log_precision / max_n))
+        reference = closest_length(length, [n for j, n in enumerate(lengths) if j != index])
+        scores.append(brevity_penalty(length, reference) * math.exp(log_precision / max_n))
     return sum(scores) / len(scores)

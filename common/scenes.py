@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.diversity import brevity_penalty, closest_length, ngrams
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30), "cyan": (40, 205, 215), "white": (235, 235, 235)}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
@@ -316,15 +318,15 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], 
     for hypothesis, refs in zip(hypotheses, references):
         words, ref_words = hypothesis.split(), [r.split() for r in refs]
         hyp_len += len(words)
-        ref_len += min((abs(len(r) - len(words)), len(r)) for r in ref_words)[1]
+        ref_len += closest_length(len(words), [len(r) for r in ref_words])
         for n in range(1, max_n + 1):
-            grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+            grams = Counter(ngrams(words, n))
             most = Counter()
             for r in ref_words:
-                most |= Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
+                most |= Counter(ngrams(r, n))
             matches[n - 1] += sum(min(c, most[g]) for g, c in grams.items())
             totals[n - 1] += max(len(words) - n + 1, 0)
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, 1))
+    brevity = brevity_penalty(hyp_len, ref_len)
     scores, log_sum = {}, 0.0
     for n in range(1, max_n + 1):
         precision = matches[n - 1] / totals[n - 1] if totals[n - 1] else 0.0

@@ -191,7 +191,7 @@ class Captioner(nn.Module):
 
     def cross_attention_maps(self) -> torch.Tensor:
         """Weights of the last decode with ``need_weights``: last layer, mean over heads -> (B, T, P)."""
-        return self.blocks[-1].cross_attention.last_weights.mean(dim=1)
+        return self.cross_attention_layers()[-1]
 
     def cross_attention_layers(self) -> torch.Tensor:
         """Weights of the last decode with ``need_weights``: every layer, mean over heads -> (layers, B, T, P)."""
