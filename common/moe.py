@@ -129,7 +129,7 @@ class Dispatch:
     buffer: torch.Tensor  # padded: (E, C, D), empty slots zero; grouped: (M, D) kept rows, expert by expert
     kept: torch.Tensor  # (K*N,) bool
     served: torch.Tensor  # (M,) the kept assignments, expert by expert (a grouped buffer's rows, in order)
-    slot: torch.Tensor | None = None  # padded: (K*N,) row of the flattened buffer, E*C for a dropped assignment
+    slot: torch.Tensor | None = None  # padded: (M,) row of the flattened (E*C, D) buffer of each served assignment
     sizes: list[int] | None = None  # grouped: rows of each expert in the buffer
 
 
@@ -213,9 +213,9 @@ class MoEFeedForward(nn.Module):
         kept = position < capacity
         served = order[kept[order]]  # the kept assignments, expert by expert; assignment a is token a % N
         if self.config.layout == "padded":
-            slot = torch.where(kept, choice * capacity + position, e * capacity)  # E*C: the discard row
-            buffer = x.new_zeros(e * capacity + 1, d).index_copy(0, slot[served], x[served % n])
-            return Dispatch(buffer[:-1].view(e, capacity, d), kept, served, slot=slot)
+            slot = (choice * capacity + position)[served]  # (M,) expert-major row of each kept assignment
+            buffer = x.new_zeros(e * capacity, d).index_copy(0, slot, x[served % n])
+            return Dispatch(buffer.view(e, capacity, d), kept, served, slot=slot)
         return Dispatch(x[served % n], kept, served, sizes=counts.clamp(max=capacity).tolist())
 
     def experts(self, h: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
@@ -239,7 +239,7 @@ class MoEFeedForward(nn.Module):
         n = gates.size(0)
         rows = y.reshape(-1, y.size(-1))
         if dispatch.slot is not None:  # padded: the kept assignments' rows of the (E*C, D) outputs
-            rows = rows[dispatch.slot[dispatch.served]]
+            rows = rows[dispatch.slot]
         weights = gates.t().reshape(-1)[dispatch.served].to(y.dtype)  # g of each kept assignment, (M,)
         return y.new_zeros(n, y.size(-1)).index_add(0, dispatch.served % n, rows * weights[:, None])
 
