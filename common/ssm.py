@@ -212,8 +212,9 @@ def chunked_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     """Chunked parallel scan with a hand-written backward pass; same contract as ``sequential_scan``.
 
     The sequence is processed in blocks of G positions, G chosen so that a (B, G, N, E) tensor holds
-    at most ``block_elements`` numbers (the block's tensors stay in the CPU's caches, and memory is
-    O(block_elements + B L E), never O(B L E N)); the state is carried from block to block. Inside a
+    at most ``block_elements`` numbers, unless one chunk of T positions alone holds more (then G = T):
+    the block's tensors stay in the CPU's caches, and memory is O(max(block_elements, B T N E) + B L E),
+    never O(B L E N). The state is carried from block to block. Inside a
     block (``_linear_scan``) every position runs in parallel except ~3√G short steps. The backward pass does not
     store the states: it recomputes each block's from the state that entered it and runs the
     adjoint recurrence backwards (as the official CUDA kernel does).
@@ -494,10 +495,10 @@ class Mamba(nn.Module):
             E, N, K = x.size(-1), self.config.state_size, self.config.conv_width
             state = (x.new_zeros(x.size(0), K - 1, E), x.new_zeros(x.size(0), E, N))
         window = torch.cat([state[0], x[:, None]], dim=1)  # (B, K, E)
-        x = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias)  # the conv at one position
+        x = F.silu(self.causal_conv(window))[:, 0]  # the conv at one position: (B, E)
         delta, B, C = self.selection(x)
         y, h = scan_step(state[1], x, delta, -torch.exp(self.A_log), B, C)
-        y = (y + self.D * x) * F.silu(z)
+        y = torch.addcmul(y, x, self.D) * F.silu(z)
         return self.out_proj(y), (window[:, 1:], h)
 
 
