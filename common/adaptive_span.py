@@ -102,30 +102,30 @@ class AdaptiveSpanAttention(MultiHeadAttention):
         """Current spans z (H,) in positions, clamped to [0, Z], without gradient."""
         return self.span_fraction.detach().clamp(0.0, 1.0) * self.max_span
 
-    def key_window(self, key_length: int) -> int:
-        """w: keys the longest head needs, ⌈max_h z_h + R⌉ (m_z(x) = 0 from x = z + R on), at most S."""
-        return max(self.head_windows(key_length))
-
     def head_windows(self, key_length: int) -> list[int]:
         """w_h = ⌈z_h + R⌉ for every head, at most S: the keys head h needs per query."""
         return [min(key_length, math.ceil(z + self.ramp)) for z in self.spans.tolist()]
 
-    def block_plan(self, query_length: int, key_length: int, window: int | None = None) -> tuple[int, int] | None:
-        """(block b, earlier blocks p) for a trimmed head of ``window`` keys (default: the longest
-        head's), or None when dense is cheaper.
+    @staticmethod
+    def plan_pairs(plan: tuple[int, int] | None, query_length: int, key_length: int) -> int:
+        """Query-key pairs one head computes per sequence: L·S dense, ⌈L/b⌉·b·(p+1)·b with plan (b, p)."""
+        if plan is None:
+            return query_length * key_length
+        block, before = plan
+        return math.ceil(query_length / block) * block * (before + 1) * block
+
+    def block_plan(self, query_length: int, key_length: int, window: int) -> tuple[int, int] | None:
+        """(block b, earlier blocks p) for a trimmed head that needs ``window`` keys per query, or None
+        when dense is cheaper.
 
         Blocks of b queries see their own b keys and the p·b before them, p = ⌈(w-1)/b⌉.
         Only self-attention without a cache (L == S) is blocked.
         """
         if not self.trim or query_length != key_length:
             return None
-        window = self.key_window(key_length) if window is None else window
         block = math.ceil(window / 2)
-        before = math.ceil((window - 1) / block)
-        n_blocks = math.ceil(query_length / block)
-        if n_blocks * block * (before + 1) * block >= query_length * key_length:
-            return None
-        return block, before
+        plan = (block, math.ceil((window - 1) / block))
+        return None if self.plan_pairs(plan, query_length, key_length) >= query_length * key_length else plan
 
     def head_plans(self, query_length: int, key_length: int) -> list[tuple[int, int] | None]:
         """The block plan of every head (None: that head runs dense)."""
@@ -134,9 +134,7 @@ class AdaptiveSpanAttention(MultiHeadAttention):
     def head_pairs(self, query_length: int, key_length: int | None = None) -> list[int]:
         """Query-key pairs that ``attend`` computes for each head, per sequence, at the current spans."""
         key_length = query_length if key_length is None else key_length
-        return [query_length * key_length if plan is None
-                else math.ceil(query_length / plan[0]) * plan[0] * (plan[1] + 1) * plan[0]
-                for plan in self.head_plans(query_length, key_length)]
+        return [self.plan_pairs(plan, query_length, key_length) for plan in self.head_plans(query_length, key_length)]
 
     def attention_pairs(self, query_length: int, key_length: int | None = None) -> int:
         """Query-key pairs that ``attend`` computes per sequence, summed over the heads."""
@@ -168,8 +166,8 @@ class AdaptiveSpanAttention(MultiHeadAttention):
                 part_q, part_k, part_v, part_z = q, k, v, spans
             else:
                 index = torch.tensor(heads, device=q.device)
-                part_q, part_k, part_v, part_z = (t.index_select(-3 if t.dim() > 1 else 0, index)
-                                                  for t in (q, k, v, spans))
+                part_q, part_k, part_v = (t.index_select(-3, index) for t in (q, k, v))  # (B, h, ·, E)
+                part_z = spans.index_select(0, index)  # (h,)
             parts.append(self._dense(part_q, part_k, part_v, part_z, None) if plan is None
                          else self._blocked(part_q, part_k, part_v, part_z, *plan))
             order += heads
