@@ -305,6 +305,10 @@ class PlantedCopy:
                  concentration: float = 0.3, table_seed: int = 0):
         import numpy as np
 
+        for name, value in (("length", length), ("distance", distance), ("alphabet", alphabet),
+                            ("payloads", payloads), ("table_seed", table_seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if not 1 <= distance < length - 1:
             raise ValueError(f"distance must be in [1, length - 2 = {length - 2}], got {distance}")
         if alphabet < 2 or payloads < 2 or concentration <= 0:
@@ -384,6 +388,9 @@ class PlantedCopy:
             local_sum += F.cross_entropy(logits[local], y[local], reduction="sum").item()
             local_count += int(local.sum())
         model.train(was_training)
-        items = torch.cat(right)
+        items = torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
+        if items.numel() == 0 or local_count == 0:
+            raise ValueError(f"the batches hold {items.numel()} copy and {local_count} local positions; "
+                             "scoring needs both (pass at least one batch of this task)")
         return {"copy_accuracy": items.float().mean().item(), "copy_correct": int(items.sum()),
                 "copy_total": items.numel(), "local_loss": local_sum / local_count, "per_item": items.int().tolist()}

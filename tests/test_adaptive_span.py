@@ -208,3 +208,7 @@ def test_planted_copy_loss_weights_copy_and_local_positions_equally():
     score = task.score(model, [batch])
     assert score["copy_total"] == 8 and len(score["per_item"]) == 8
     assert score["local_loss"] == pytest.approx(losses[local].mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="scoring needs both"):
+        task.score(model, [])
+    with pytest.raises(ValueError, match="distance must be an integer"):
+        PlantedCopy(length=24, distance=10.0)
