@@ -17,7 +17,6 @@ import inspect
 import json
 import types
 from collections.abc import Iterable
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +76,7 @@ def modules_used(sources: Iterable[str], root: Path | None = None, start: Iterab
     return dict(sorted(used.items()))
 
 
-@lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def _normalised_source(path: Path, mtime_ns: int, size: int) -> str:
     return ast.unparse(ast.parse(path.read_text(encoding="utf-8")))
 
@@ -108,8 +107,13 @@ def _plain(value: object) -> object:
     if isinstance(value, (type, types.FunctionType, types.MethodType)):
         return _describe(value)
     if isinstance(value, (torch.Tensor, np.ndarray)):  # by content: a repr elides large arrays
-        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-        return {"array": str(array.dtype), "shape": list(array.shape),
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu()
+            dtype = str(tensor.dtype).removeprefix("torch.")  # numpy's names ("float32"), and "bfloat16"
+            array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()  # by its bits
+        else:
+            array, dtype = value, str(value.dtype)
+        return {"array": dtype, "shape": list(array.shape),
                 "sha256": hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()}
     if hasattr(value, "__dict__"):
         return {"class": _describe(type(value)), **vars(value)}

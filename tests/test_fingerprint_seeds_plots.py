@@ -107,3 +107,14 @@ def test_fingerprint_of_an_object_follows_its_class_and_attributes_not_its_addre
 
     assert fp.fingerprint({"t": torch.arange(5000)}) != fp.fingerprint({"t": torch.arange(5000).flip(0)})
     assert fp.fingerprint(PlantedCopy(64, 16, 8, 4)) == fp.fingerprint(PlantedCopy(64, 16, 8, 4))
+
+
+def test_fingerprint_of_tensors_follows_dtype_and_content_bfloat16_included():
+    import numpy as np
+    import torch
+
+    half = torch.linspace(-1, 1, 7, dtype=torch.bfloat16)
+    assert fp.fingerprint(half) == fp.fingerprint(half.clone())
+    assert fp.fingerprint(half) != fp.fingerprint(half.to(torch.float16))
+    assert fp.fingerprint(half) != fp.fingerprint(half.flip(0))
+    assert fp.fingerprint(torch.ones(3)) == fp.fingerprint(np.ones(3, dtype=np.float32))  # same dtype name
