@@ -268,7 +268,12 @@ def flex_sliding_window(length: int, window: int, device=None, compile: bool = T
                                "not (e.g. q.detach()), or use sliding_window_attention, which has a backward.")
         if not compile:
             return compiled(q, k, v, block_mask=mask)
-        with torch._dynamo.config.patch(recompile_limit=MAX_FLEX_SHAPES, fail_on_recompile_limit_hit=True):
-            return compiled(q, k, v, block_mask=mask)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=MAX_FLEX_SHAPES, fail_on_recompile_limit_hit=True):
+                return compiled(q, k, v, block_mask=mask)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            raise RuntimeError(f"flex_sliding_window: more than MAX_FLEX_SHAPES = {MAX_FLEX_SHAPES} shapes compiled "
+                               "in this process; reuse shapes, or raise common.sparse_attention.MAX_FLEX_SHAPES "
+                               "before the calls") from error
 
     return attend
