@@ -644,7 +644,8 @@ def choose_threshold(answerable: Sequence[float], unanswerable: Sequence[float],
     questions while abstaining on at most ``max_answerable_rate`` of the answerable ones (ties: the lower t)."""
     a, u = np.asarray(answerable, dtype=np.float64), np.asarray(unanswerable, dtype=np.float64)
     if a.size == 0 or u.size == 0 or not 0 <= max_answerable_rate < 1:
-        raise ValueError("need confidences of both kinds and 0 <= max_answerable_rate < 1")
+        raise ValueError(f"need confidences of both kinds and 0 <= max_answerable_rate < 1, got {a.size} answerable, "
+                         f"{u.size} unanswerable and max_answerable_rate={max_answerable_rate}")
     best_t, best_rate = -np.inf, -1.0
     for t in np.unique(np.concatenate([a, u, [np.inf]])):
         if np.mean(a < t) <= max_answerable_rate and np.mean(u < t) > best_rate:

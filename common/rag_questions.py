@@ -22,6 +22,7 @@ QUESTIONS_FILE = Path(__file__).with_name("rag_questions.json")
 QUESTION_TYPES = ("named, hand-written", "entity-free, hand-written", "entity-free, description",
                   "entity-free, definition", "named, cloze year", "named, cloze number", "unanswerable")
 UNANSWERABLE = "unanswerable"
+GENERATED_TYPES = QUESTION_TYPES[2:6]  # the kinds ``candidate_questions`` draws from the articles
 HAND_QUESTIONS_FILE = Path(__file__).with_name("rag_questions_hand.json")
 BLANK = "____"
 _YEAR = re.compile(r"^1[0-9]{3}$|^20[0-2][0-9]$")
@@ -126,8 +127,8 @@ def candidate_questions(records: Sequence[dict], kind: str) -> list[dict]:
     same numbers and half the content words or more), since its answer would not be unique; a description
     also needs five words or a number, and must not open with a participle ("Used to measure ...").
     """
-    if kind not in QUESTION_TYPES[2:6]:
-        raise ValueError(f"kind must be one of {QUESTION_TYPES[2:6]}, got {kind!r}")
+    if kind not in GENERATED_TYPES:
+        raise ValueError(f"kind must be one of {GENERATED_TYPES}, got {kind!r}")
     if kind.startswith("named"):
         out = []
         for record in records:

@@ -197,7 +197,7 @@ class KeyedRecall:
         """Training sequences whose tables hold m distinct pairs (m uniform in [1, n_pairs]), each at least
         once, the slots filled by repeats in random order; queries ask among the m keys. Small tables make
         the value copy learnable before the key match is (with 32 distinct pairs alone, a one-layer model
-        often stays at chance); ``sample`` (all pairs distinct) is the test."""
+        often stays at chance); ``sample`` (all pairs distinct) is the test. Shapes as ``sample``."""
         n = self.n_pairs
         keys = torch.rand(batch_size, self.n_keys, generator=generator).argsort(-1)[:, :n]
         values = torch.randint(0, self.n_values, (batch_size, n), generator=generator)

@@ -203,7 +203,7 @@ GENERATED = [
 
 def test_generated_questions_follow_their_kind():
     by_kind = {kind: {q["title"]: q for q in rag_questions.candidate_questions(GENERATED, kind)}
-               for kind in rag_questions.QUESTION_TYPES[2:6]}
+               for kind in rag_questions.GENERATED_TYPES}
     descriptions, definitions = by_kind["entity-free, description"], by_kind["entity-free, definition"]
     expected = "Who was the English mathematician and computer scientist (1912–1954)?"
     assert descriptions["Alan Turing"]["question"] == expected
