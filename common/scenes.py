@@ -299,7 +299,8 @@ def object_scores(caption: str, scene: dict) -> list[dict]:
     elif relation == RELATIONS[scene["relation"]]:
         order = said[::-1]
     else:
-        agree = [sum(a == b for s, t in zip(option, truth) for a, b in zip(s, t)) for option in (said, said[::-1])]
+        agree = [sum(a == b for s, t in zip(option, truth) for a, b in zip(s[:2], t))  # colour, shape
+                 for option in (said, said[::-1])]
         order = said if agree[0] >= agree[1] else said[::-1]
     return [{"color": s[0] == t[0], "shape": s[1] == t[1], "said": f"{s[0]} {s[1]}", "position": s[2]}
             for s, t in zip(order, truth)]
