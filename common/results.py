@@ -57,7 +57,7 @@ class RunRecord:
     """Started at the top of a notebook; ``save(metrics)`` writes ``<notebook>.json``.
 
     ``wall_s`` is the time from creation to the save: this execution of the notebook. Training
-    that earlier, interrupted executions did (and resumed from checkpoints) is not in it; the
+    that earlier executions did (checkpoints this one loaded or resumed) is not in it; the
     notebook run adds it as ``train_s_earlier_sessions``.
     """
 

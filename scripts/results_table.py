@@ -123,7 +123,7 @@ def render(results: dict[str, dict]) -> str:
                       "idle machine."]
         earlier = times.get("earlier_training_s") or {}
         if earlier:
-            lines += ["", "Training done by earlier, interrupted executions and resumed from checkpoints (not in "
+            lines += ["", "Training done by earlier executions, whose checkpoints these runs loaded or resumed (not in "
                           "the times above): " + ", ".join(f"{k[:2]} {v / 60:.1f} min" for k, v in
                                                             sorted(earlier.items())) + "."]
     lines += ["", END]

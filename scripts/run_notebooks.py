@@ -9,7 +9,7 @@ HTML to build/html/ (build/smoke/html/); the notebooks themselves write figures/
 (smoke runs: build/smoke/). A notebook is executed into a scratch file first: a run that fails
 or is interrupted leaves the last good executed notebook in place, and is kept for inspection
 under build/failed/. The wall time of each reference run (cpu preset) is printed and kept in
-results/run_times.json, with the training time earlier, interrupted runs did.
+results/run_times.json, with the training time of earlier runs whose checkpoints it loaded or resumed.
 """
 
 from __future__ import annotations
