@@ -38,6 +38,10 @@ def test_wilson_interval_textbook_value():
     assert estimate.value == 0.8
     assert (estimate.low, estimate.high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     assert wilson_interval(0, 20).low == 0.0 and wilson_interval(20, 20).high == 1.0
+    for n in range(1, 60):  # the interval holds k / n exactly at both ends (no rounding past it)
+        for k in (0, n):
+            e = wilson_interval(k, n)
+            assert e.low <= e.value <= e.high
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(11, 10)
 
