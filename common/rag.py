@@ -439,11 +439,11 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 @dataclass(frozen=True)
 class Answer:
-    """One greedy reply, cut at its first line break: the answer is the first line.
+    """One greedy reply, cut at the end of its first sentence or line: that is the answer.
 
     ``logprob``: the sum of the log-probabilities of the answer's tokens under the generator (so
     ``exp(logprob)`` is p(y | prompt) of this answer); ``tokens``: how many; ``finished``: the reply ended
-    (end token or line break) within the token limit. An unfinished answer was cut by the limit.
+    (end token, line break or sentence end) within the token limit. An unfinished answer was cut by the limit.
     """
 
     text: str
@@ -452,14 +452,29 @@ class Answer:
     finished: bool
 
 
-class _StopAtLineEnd:
-    """A stopping criterion: a sequence is done once its last token holds a line break."""
+_ANSWER_SENTENCE_END = re.compile(r"(?:[^\W\d_]{3,}|\d+)[.!?][\"')\]]*$")
 
-    def __init__(self, newline_ids: torch.Tensor):
-        self.newline_ids = newline_ids
+
+def starts_new_sentence(text: str, piece: str) -> bool:
+    """True when ``piece`` (the next token's text) begins a new sentence after ``text``: ``text`` ends with
+    . ! or ? after a word of three letters or more, or after a number ("... in 1962."), and ``piece`` starts
+    with white space. So "29.5", "St. Louis" and "Dr. No" do not end a sentence; "D.C. is" does."""
+    return piece[:1].isspace() and _ANSWER_SENTENCE_END.search(text.rstrip("\n")) is not None
+
+
+class _StopAtAnswerEnd:
+    """A stopping criterion: a sequence is done once its last token holds a line break, or begins a new
+    sentence (``starts_new_sentence``); the tokens before ``start`` are the prompt."""
+
+    def __init__(self, tokenizer, newline_ids: torch.Tensor, start: int):
+        self.tokenizer, self.newline_ids, self.start = tokenizer, newline_ids, start
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.isin(input_ids[:, -1], self.newline_ids.to(input_ids.device))
+        done = torch.isin(input_ids[:, -1], self.newline_ids.to(input_ids.device))
+        for row, tokens in enumerate(input_ids[:, self.start:].tolist()):
+            text, piece = self.tokenizer.decode(tokens[:-1]), self.tokenizer.decode(tokens[-1:])
+            done[row] |= starts_new_sentence(text, piece)
+        return done
 
 
 class Generator:
@@ -486,10 +501,11 @@ class Generator:
     def prompt_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
-    def _first_line(self, tokens: list[int], logprobs: list[float], max_new_tokens: int) -> Answer:
+    def _first_sentence(self, tokens: list[int], logprobs: list[float], max_new_tokens: int) -> Answer:
         kept, total, finished = [], 0.0, False
         for token, logprob in zip(tokens, logprobs):
-            if token in self.stop_ids:
+            piece = self.tokenizer.decode([token])
+            if token in self.stop_ids or starts_new_sentence(self.tokenizer.decode(kept), piece):
                 finished = True
                 break
             kept.append(token)
@@ -500,10 +516,10 @@ class Generator:
 
     @torch.inference_mode()
     def answer(self, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[Answer]:
-        """Greedy first-line answers to ``prompts``, with their log-probabilities.
+        """Greedy answers to ``prompts`` (the first sentence or line of each reply), with their log-probabilities.
 
-        Batches are formed from prompts of similar length; a sequence stops at its first line break or
-        end token, and a batch as soon as all of its sequences have stopped.
+        Batches are formed from prompts of similar length; a sequence stops at its first line break, sentence
+        end or end token, and a batch as soon as all of its sequences have stopped.
         """
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
@@ -513,20 +529,21 @@ class Generator:
             chunk = order[start:start + batch_size]
             batch = self.tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                                    add_special_tokens=self.seq2seq).to(self.device)
+            reply_start = 1 if self.seq2seq else batch["input_ids"].size(1)  # seq2seq: after the start token
+            stop = _StopAtAnswerEnd(self.tokenizer, self.newline_ids, reply_start)
             out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id, output_logits=True,
-                                      return_dict_in_generate=True,
-                                      stopping_criteria=[_StopAtLineEnd(self.newline_ids)])
+                                      return_dict_in_generate=True, stopping_criteria=[stop])
             steps = len(out.logits)  # raw logits, before any logits processor
             new = out.sequences[:, -steps:]  # the generated tokens (decoder-only and seq2seq alike)
             logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.logits], dim=1)
             chosen = logprobs.gather(2, new.unsqueeze(-1)).squeeze(-1)
             for row, i in enumerate(chunk):
-                answers[i] = self._first_line(new[row].tolist(), chosen[row].tolist(), max_new_tokens)
+                answers[i] = self._first_sentence(new[row].tolist(), chosen[row].tolist(), max_new_tokens)
         return answers
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
-        """Greedy first-line answers to ``prompts``, as text."""
+        """Greedy answers to ``prompts`` (``answer``), as text."""
         return [a.text for a in self.answer(prompts, max_new_tokens, batch_size)]
 
 
@@ -639,16 +656,26 @@ def marginalise(answers: Sequence[Answer], scores: Sequence[float], temperature:
     return first[best], totals[best]
 
 
-def choose_threshold(answerable: Sequence[float], unanswerable: Sequence[float], max_answerable_rate: float) -> float:
+def choose_threshold(answerable: Sequence[float], unanswerable: Sequence[float], max_answerable_rate: float,
+                     groups: Sequence[str] | None = None) -> float:
     """The abstention threshold t (abstain when confidence < t) that abstains on the most unanswerable
-    questions while abstaining on at most ``max_answerable_rate`` of the answerable ones (ties: the lower t)."""
+    questions while abstaining on at most ``max_answerable_rate`` of the answerable ones (ties: the lower t).
+
+    ``groups`` (one label per answerable question, e.g. its type) puts the cap on every group: at most
+    that share of each kind of answerable question is refused, so the rule does not depend on the mix
+    of kinds, which can differ between the questions it is fitted on and those it is applied to.
+    """
     a, u = np.asarray(answerable, dtype=np.float64), np.asarray(unanswerable, dtype=np.float64)
     if a.size == 0 or u.size == 0 or not 0 <= max_answerable_rate < 1:
         raise ValueError(f"need confidences of both kinds and 0 <= max_answerable_rate < 1, got {a.size} answerable, "
                          f"{u.size} unanswerable and max_answerable_rate={max_answerable_rate}")
+    labels = np.zeros(a.size, dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    if labels.size != a.size:
+        raise ValueError(f"one group per answerable question needed, got {labels.size} groups for {a.size} questions")
     best_t, best_rate = -np.inf, -1.0
     for t in np.unique(np.concatenate([a, u, [np.inf]])):
-        if np.mean(a < t) <= max_answerable_rate and np.mean(u < t) > best_rate:
+        worst = max(np.mean(a[labels == g] < t) for g in np.unique(labels))
+        if worst <= max_answerable_rate and np.mean(u < t) > best_rate:
             best_t, best_rate = float(t), float(np.mean(u < t))
     return best_t
 

