@@ -137,7 +137,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Estimat
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Estimate(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)), n, confidence)  # p inside, float-exact
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    return Estimate(p, min(p, low), max(p, high), n, confidence)  # rounding must not put k / n outside
 
 
 @dataclass(frozen=True)
