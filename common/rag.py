@@ -672,11 +672,12 @@ def choose_threshold(answerable: Sequence[float], unanswerable: Sequence[float],
     labels = np.zeros(a.size, dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
     if labels.size != a.size:
         raise ValueError(f"one group per answerable question needed, got {labels.size} groups for {a.size} questions")
+    by_group = [a[labels == g] for g in np.unique(labels)]
     best_t, best_rate = -np.inf, -1.0
     for t in np.unique(np.concatenate([a, u, [np.inf]])):
-        worst = max(np.mean(a[labels == g] < t) for g in np.unique(labels))
-        if worst <= max_answerable_rate and np.mean(u < t) > best_rate:
-            best_t, best_rate = float(t), float(np.mean(u < t))
+        rate = float(np.mean(u < t))
+        if max(np.mean(group < t) for group in by_group) <= max_answerable_rate and rate > best_rate:
+            best_t, best_rate = float(t), rate
     return best_t
 
 
