@@ -207,16 +207,18 @@ class MoEFeedForward(nn.Module):
         choice = experts.t().reshape(-1)  # (K*N,) choice-major: first choices take the first slots
         order = torch.argsort(choice, stable=True)  # assignments grouped by expert, in priority order
         counts = torch.bincount(choice, minlength=e)  # (E,)
+        sorted_choice = choice[order]
         starts = counts.cumsum(0) - counts  # first sorted index of each expert
-        position = torch.empty_like(choice)
-        position[order] = torch.arange(choice.numel(), device=x.device) - starts[choice[order]]
-        kept = position < capacity
-        served = order[kept[order]]  # the kept assignments, expert by expert; assignment a is token a % N
+        position = torch.arange(choice.numel(), device=x.device) - starts[sorted_choice]  # queue place, sorted
+        kept_sorted = position < capacity
+        served = order[kept_sorted]  # the kept assignments, expert by expert; assignment a is token a % N
+        kept = torch.zeros_like(choice, dtype=torch.bool).index_fill_(0, served, True)
+        rows = x.index_select(0, served % n)  # (M, D); its backward is an index_add (no sort)
         if self.config.layout == "padded":
-            slot = (choice * capacity + position)[served]  # (M,) expert-major row of each kept assignment
-            buffer = x.new_zeros(e * capacity, d).index_copy(0, slot, x[served % n])
+            slot = (sorted_choice * capacity + position)[kept_sorted]  # (M,) expert-major row of each kept one
+            buffer = x.new_zeros(e * capacity, d).index_copy(0, slot, rows)
             return Dispatch(buffer.view(e, capacity, d), kept, served, slot=slot)
-        return Dispatch(x[served % n], kept, served, sizes=counts.clamp(max=capacity).tolist())
+        return Dispatch(rows, kept, served, sizes=counts.clamp(max=capacity).tolist())
 
     def experts(self, h: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
         """expert_i(x) = W_2,i GELU(W_1,i x + b_1,i) + b_2,i on each expert's rows: (E, C, D) -> (E, C, D)
@@ -226,12 +228,14 @@ class MoEFeedForward(nn.Module):
             h = F.gelu(h)
             return (torch.bmm(h, self.w_down) if self.b_down is None
                     else torch.baddbmm(self.b_down[:, None], h, self.w_down))
+        w_up, w_down = self.w_up.unbind(0), self.w_down.unbind(0)  # backward: one stack, not E zero-padded selects
+        b_up = self.b_up.unbind(0) if self.b_up is not None else [None] * len(w_up)
+        b_down = self.b_down.unbind(0) if self.b_down is not None else [None] * len(w_up)
         outputs = []
         for i, rows in enumerate(h.split(list(sizes))):
-            z = rows @ self.w_up[i] if self.b_up is None else torch.addmm(self.b_up[i], rows, self.w_up[i])
+            z = rows @ w_up[i] if b_up[i] is None else torch.addmm(b_up[i], rows, w_up[i])
             z = F.gelu(z)
-            outputs.append(z @ self.w_down[i] if self.b_down is None
-                           else torch.addmm(self.b_down[i], z, self.w_down[i]))
+            outputs.append(z @ w_down[i] if b_down[i] is None else torch.addmm(b_down[i], z, w_down[i]))
         return torch.cat(outputs)
 
     def combine(self, y: torch.Tensor, dispatch: Dispatch, gates: torch.Tensor) -> torch.Tensor:
@@ -240,7 +244,7 @@ class MoEFeedForward(nn.Module):
         rows = y.reshape(-1, y.size(-1))
         if dispatch.slot is not None:  # padded: the kept assignments' rows of the (E*C, D) outputs
             rows = rows[dispatch.slot]
-        weights = gates.t().reshape(-1)[dispatch.served].to(y.dtype)  # g of each kept assignment, (M,)
+        weights = gates.t().reshape(-1).index_select(0, dispatch.served).to(y.dtype)  # g of each kept one, (M,)
         return y.new_zeros(n, y.size(-1)).index_add(0, dispatch.served % n, rows * weights[:, None])
 
     def balance_losses(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,7 +256,8 @@ class MoEFeedForward(nn.Module):
             return zero, zero, f
         p = routing.probs.mean(dim=0)  # P_i = (1/N) sum_n p_i(x_n)
         balance = e * torch.sum(f * p)  # L_aux = N_E * sum_i f_i P_i (f carries no gradient)
-        z_loss = torch.logsumexp(routing.logits, dim=-1).square().mean()  # L_z = (1/N) sum_n (log sum_i e^{z_ni})^2
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.z_loss_weight > 0):  # no graph if off
+            z_loss = torch.logsumexp(routing.logits, dim=-1).square().mean()  # L_z = mean_n (log sum_i e^{z_ni})^2
         return balance, z_loss, f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -210,9 +210,15 @@ def test_grouped_and_padded_layouts_drop_the_same_assignments_and_agree(top_k, f
     with torch.no_grad():
         grouped.b_up.normal_()
         padded.b_up.copy_(grouped.b_up)
-    x = torch.randn(3, 11, 16)
-    torch.testing.assert_close(grouped(x), padded(x))
+    x = torch.randn(3, 11, 16, requires_grad=True)
+    out_grouped, out_padded = grouped(x), padded(x)
+    torch.testing.assert_close(out_grouped, out_padded)
     assert grouped.stats["dropped"] == padded.stats["dropped"]
+    direction = torch.randn_like(x)
+    grads = [torch.autograd.grad(((out * direction).sum() + layer.aux_loss), [x, *layer.parameters()])
+             for out, layer in ((out_grouped, grouped), (out_padded, padded))]
+    for g_grouped, g_padded in zip(*grads, strict=True):  # the same gradients, dropped tokens included
+        torch.testing.assert_close(g_grouped, g_padded)
     routing = grouped.route(x.view(-1, 16))
     dispatch = grouped.dispatch(x.view(-1, 16), routing.experts, grouped.capacity(33, routing.experts))
     assert sum(dispatch.sizes) == int(dispatch.kept.sum()) == dispatch.buffer.size(0)
