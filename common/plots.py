@@ -1,7 +1,8 @@
 """One plot style for every notebook, ``save_figure``, reference levels and intervals.
 
 - ``draw_reference_levels``: the count n-gram floors (or any labelled level) as horizontal lines;
-- ``plot_with_interval``: means with their intervals, as error bars or a band.
+- ``plot_with_interval``: means with their intervals, as error bars or a band;
+- ``plain_log_ticks``: a log axis labelled with plain numbers (150, 200, 300), also within one decade.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 import seaborn as sns
 
@@ -44,6 +46,14 @@ def save_figure(fig: plt.Figure, folder: str | Path, name: str, formats: tuple[s
         partial.replace(path)
         paths.append(path)
     return paths[0]
+
+
+def plain_log_ticks(axis: matplotlib.axis.Axis, subs: Sequence[float] = (1, 1.5, 2, 3, 5, 7)) -> None:
+    """Label a log-scaled ``axis`` (``ax.yaxis``, ``ax.xaxis``) at ``subs`` x 10^k with plain numbers: by default
+    a range inside one decade gets no label at all, and a wider one only powers of ten such as 10^2."""
+    axis.set_major_locator(mticker.LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(mticker.NullFormatter())
 
 
 LEVEL_STYLES = [(0, (1, 1)), (0, (4, 2)), (0, (6, 2, 1, 2)), (0, (2, 3)), (0, (8, 3))]

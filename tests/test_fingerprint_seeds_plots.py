@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 from common import fingerprint as fp  # noqa: E402
 from common.model import GPT, GPTConfig  # noqa: E402
-from common.plots import draw_reference_levels, plot_with_interval  # noqa: E402
+from common.plots import draw_reference_levels, plain_log_ticks, plot_with_interval  # noqa: E402
 from common.seeds import run_seeds  # noqa: E402
 from common.stats import mean_ci  # noqa: E402
 from common.train import TrainConfig  # noqa: E402
@@ -85,6 +85,22 @@ def test_reference_levels_and_intervals_are_drawn_and_labelled():
     assert any(label.startswith("count bigram: 200 (off scale, above)") for label in labels)
     assert ax.get_ylim()[1] < 200  # the off-scale level did not squash the data
     plt.close(fig)
+
+
+@pytest.mark.parametrize("low, high", [(120, 700), (0.9, 40), (1.5, 1.9)])
+def test_plain_log_ticks_label_a_log_axis_with_plain_numbers(low, high):
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [low, high])
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    plain_log_ticks(ax.yaxis)
+    fig.canvas.draw()
+    shown = [(tick.get_loc(), tick.label1.get_text()) for tick in ax.yaxis.get_major_ticks()
+             if low <= tick.get_loc() <= high]
+    plt.close(fig)
+    assert shown, "no labelled tick inside the range"
+    for value, text in shown:
+        assert float(text) == pytest.approx(value, rel=1e-3)  # a plain number, not 10^k notation
 
 
 def test_fingerprint_of_an_object_follows_its_class_and_attributes_not_its_address():
