@@ -229,13 +229,13 @@ class MoEFeedForward(nn.Module):
             return (torch.bmm(h, self.w_down) if self.b_down is None
                     else torch.baddbmm(self.b_down[:, None], h, self.w_down))
         w_up, w_down = self.w_up.unbind(0), self.w_down.unbind(0)  # backward: one stack, not E zero-padded selects
-        b_up = self.b_up.unbind(0) if self.b_up is not None else [None] * len(w_up)
-        b_down = self.b_down.unbind(0) if self.b_down is not None else [None] * len(w_up)
+        b_up = self.b_up.unbind(0) if self.b_up is not None else None
+        b_down = self.b_down.unbind(0) if self.b_down is not None else None
         outputs = []
         for i, rows in enumerate(h.split(list(sizes))):
-            z = rows @ w_up[i] if b_up[i] is None else torch.addmm(b_up[i], rows, w_up[i])
+            z = rows @ w_up[i] if b_up is None else torch.addmm(b_up[i], rows, w_up[i])
             z = F.gelu(z)
-            outputs.append(z @ w_down[i] if b_down[i] is None else torch.addmm(b_down[i], z, w_down[i]))
+            outputs.append(z @ w_down[i] if b_down is None else torch.addmm(b_down[i], z, w_down[i]))
         return torch.cat(outputs)
 
     def combine(self, y: torch.Tensor, dispatch: Dispatch, gates: torch.Tensor) -> torch.Tensor:
