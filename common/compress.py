@@ -513,14 +513,17 @@ class Quantization:
     measured on every batch (dynamic); ``per_channel``: one weight scale per output column of
     each matrix instead of one per matrix; ``keep_fp32``: parts of parameter names (e.g.
     ``"embeddings"``, ``"classifier"``) whose operations stay fp32; ``calibration``: the static
-    range estimator (``"MinMax"`` or ``"Percentile"``). Only matrix products with a constant
-    weight (and the embedding look-ups) are quantized, never attention's QK^T or AV.
+    range estimator (``"MinMax"`` or ``"Percentile"``); ``embedding_rows``: the word embeddings
+    int8 with one scale per row (``quantize_embedding_rows``) instead of one for the whole
+    table. Only matrix products with a constant weight (and the embedding look-ups) are
+    quantized, never attention's QK^T or AV.
     """
 
     static: bool = False
     per_channel: bool = False
     keep_fp32: tuple[str, ...] = ()
     calibration: str = "MinMax"
+    embedding_rows: bool = False
 
     def __post_init__(self):
         if self.calibration not in ("MinMax", "Percentile", "Entropy"):
@@ -533,8 +536,52 @@ QUANTIZATION_VARIANTS = {
     "dynamic-per-channel-fp32-classifier": Quantization(per_channel=True, keep_fp32=("pooler", "classifier")),
     "dynamic-per-channel-fp32-embeddings-classifier": Quantization(
         per_channel=True, keep_fp32=("embeddings", "pooler", "classifier")),
+    "dynamic-per-channel-int8-embedding-rows": Quantization(
+        per_channel=True, keep_fp32=("pooler", "classifier"), embedding_rows=True),
     "static-per-channel": Quantization(static=True, per_channel=True),
 }
+WORD_EMBEDDINGS = "word_embeddings.weight"
+
+
+def quantize_embedding_rows(fp32_path: str | Path, out_path: str | Path) -> Path:
+    """The word-embedding look-up rewritten to int8 rows with one fp32 scale per row.
+
+    E[i] ≈ s_i · q_i with s_i = max_j |E[i, j]| / 127 and q_i = round(E[i] / s_i): a weight-only
+    table (Gather of the int8 rows, Cast to float, times the gathered scales), 4x smaller, with
+    each word's own range instead of the whole table's (its largest entries would set one
+    coarse step for every word).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(fp32_path))
+    graph = model.graph
+    table = next((t for t in graph.initializer if t.name.endswith(WORD_EMBEDDINGS)), None)
+    if table is None:
+        raise ValueError(f"{fp32_path} has no initializer named *{WORD_EMBEDDINGS}")
+    lookup = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == table.name)
+    weights = numpy_helper.to_array(table)  # (vocabulary, d)
+    scales = np.maximum(np.abs(weights).max(axis=1, keepdims=True), 1e-12) / 127  # (vocabulary, 1)
+    rows = np.clip(np.round(weights / scales), -127, 127).astype(np.int8)
+    rows_name, scales_name = f"{table.name}_int8_rows", f"{table.name}_row_scales"
+    graph.initializer.remove(table)
+    graph.initializer.extend([numpy_helper.from_array(rows, rows_name),
+                              numpy_helper.from_array(scales.astype(np.float32), scales_name)])
+    ids, (output,) = lookup.input[1], lookup.output
+    position = list(graph.node).index(lookup)
+    graph.node.remove(lookup)
+    replacement = [  # output = Cast(Gather(rows, ids)) * Gather(scales, ids)
+        helper.make_node("Gather", [rows_name, ids], [f"{output}_int8"], name=f"{lookup.name}_int8_rows"),
+        helper.make_node("Cast", [f"{output}_int8"], [f"{output}_rows"], to=onnx.TensorProto.FLOAT,
+                         name=f"{lookup.name}_cast"),
+        helper.make_node("Gather", [scales_name, ids], [f"{output}_scales"], name=f"{lookup.name}_row_scales"),
+        helper.make_node("Mul", [f"{output}_rows", f"{output}_scales"], [output], name=f"{lookup.name}_dequantize"),
+    ]
+    for offset, node in enumerate(replacement):
+        graph.node.insert(position + offset, node)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+    return Path(out_path)
 
 
 def nodes_reading(onnx_path: str | Path, name_parts: Sequence[str]) -> list[str]:
@@ -577,8 +624,11 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, quantization: Qu
         quantization = QUANTIZATION_VARIANTS[quantization]
     if quantization.static and calibration is None:
         raise ValueError("static quantization needs calibration batches (sentences from the training split)")
-    excluded = nodes_reading(fp32_path, quantization.keep_fp32) if quantization.keep_fp32 else None
     Path(int8_path).parent.mkdir(parents=True, exist_ok=True)
+    rows_path = Path(int8_path).with_suffix(".rows.onnx")  # the look-up first, by hand; then the quantizer
+    if quantization.embedding_rows:
+        fp32_path = quantize_embedding_rows(fp32_path, rows_path)
+    excluded = nodes_reading(fp32_path, quantization.keep_fp32) if quantization.keep_fp32 else None
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # silence the "consider pre-processing" hint
     try:
@@ -595,6 +645,7 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, quantization: Qu
                              nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)
+        rows_path.unlink(missing_ok=True)
     return Path(int8_path)
 
 

@@ -23,6 +23,7 @@ from common.compress import (
     prune_by_importance,
     prune_heads,
     prune_neurons,
+    quantize_embedding_rows,
     quantize_onnx,
     quantize_torch,
     save_pruned,
@@ -270,6 +271,28 @@ def test_quantization_variants_keep_what_they_say_in_fp32_and_stay_close(bert, t
         quantize_onnx(fp32, tmp_path / "s.onnx", "static-per-channel")
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_onnx(fp32, tmp_path / "s.onnx", "int4")
+
+
+def test_embedding_rows_are_int8_with_one_scale_per_row_and_give_the_same_table(bert, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    b = batch()
+    with torch.no_grad():
+        bert.bert.embeddings.word_embeddings.weight[7] *= 50  # one large row must not coarsen the others
+    fp32 = export_onnx(bert, b, tmp_path / "m.onnx")
+    rows = quantize_embedding_rows(fp32, tmp_path / "rows.onnx")
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(rows)).graph.initializer}
+    table = bert.bert.embeddings.word_embeddings.weight.detach().numpy()
+    name = "model.bert.embeddings.word_embeddings.weight"
+    q, scales = weights[f"{name}_int8_rows"], weights[f"{name}_row_scales"]
+    assert q.dtype == np.int8 and q.shape == table.shape and scales.shape == (table.shape[0], 1)
+    assert name not in weights
+    assert np.all(np.abs(q.astype(np.float32) * scales - table) <= scales / 2 + 1e-7)  # half a step, row by row
+    np.testing.assert_allclose(OnnxClassifier(rows).logits(b["input_ids"], b["attention_mask"]),
+                               logits(bert, b).numpy(), atol=0.02)
+    with pytest.raises(ValueError, match="no initializer"):  # its table is already rewritten
+        quantize_embedding_rows(rows, tmp_path / "again.onnx")
 
 
 def test_prune_by_importance_keeps_the_asked_counts_and_refuses_impossible_ones(bert):
