@@ -351,3 +351,30 @@ def test_bad_new_fields_name_the_field(field, value):
         MoEConfig(**{field: value})
     with pytest.raises(ValueError, match="top_k"):
         MoEConfig(router="hash", top_k=2)
+
+
+def test_every_other_block_gets_the_moe_layer_as_in_switch():
+    config = GPTConfig(vocab_size=12, context_length=8, d_model=16, n_layers=4, n_heads=2, dropout=0.0)
+    model = moe_gpt(config, MoEConfig(n_experts=2), every=2)
+    kinds = [type(block.feed_forward) for block in model.decoder.blocks]
+    assert kinds == [FeedForward, MoEFeedForward, FeedForward, MoEFeedForward]
+    assert len(moe_layers(moe_gpt(config, MoEConfig(n_experts=2)))) == 4
+    x = torch.randint(0, 12, (2, 8))
+    out = model(x, targets=x)
+    torch.testing.assert_close(out.aux_loss, sum(layer.aux_loss for layer in moe_layers(model)))
+    with pytest.raises(ValueError, match="every"):
+        moe_gpt(config, MoEConfig(), every=0)
+
+
+def test_stats_are_read_from_the_last_pass_and_carry_no_graph():
+    moe = make_moe(n_experts=4, top_k=2, capacity_factor=0.5)
+    assert moe.stats == {}
+    x = torch.randn(10, 16, requires_grad=True)
+    moe(x)
+    stats = moe.stats
+    assert all(not torch.is_tensor(v) or not v.requires_grad for v in stats.values())
+    dispatch = moe.dispatch(x, moe.route(x).experts, stats["capacity"])
+    assert stats["dropped"].item() == pytest.approx(1 - dispatch.kept.float().mean().item())
+    assert stats["load"].sum().item() == pytest.approx(1.0)
+    moe(x[:4])
+    assert moe.stats["experts"].shape == (4, 2)  # the newest pass
