@@ -288,6 +288,31 @@ class InductionHeads:
         return x, y
 
 
+class MixedLengths:
+    """One task at several lengths: every batch is drawn at one of them, chosen uniformly at random.
+
+    ``tasks`` are instances of one task at different lengths (same vocabulary). Trained on a mix, a
+    model cannot tie a role (the i-th marker, the i-th data token) to a fixed position or lag; a
+    time-invariant kernel then has to learn every length's gaps, a selective update the rule itself.
+    """
+
+    def __init__(self, tasks: Iterable):
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ValueError("MixedLengths needs at least one task")
+        vocabularies = {task.vocab_size for task in self.tasks}
+        if len(vocabularies) != 1 or len({type(task) for task in self.tasks}) != 1:
+            raise ValueError(f"MixedLengths needs one task at several lengths (one class, one vocabulary), got "
+                             f"{[(type(task).__name__, task.vocab_size) for task in self.tasks]}")
+        self.lengths = [task.length for task in self.tasks]
+        self.vocab_size, self.chance = self.tasks[0].vocab_size, self.tasks[0].chance
+
+    def __call__(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (B, L) of one task, L one of ``lengths``."""
+        task = self.tasks[int(torch.randint(len(self.tasks), (1,), generator=generator))]
+        return task(batch_size, generator)
+
+
 class PlantedCopy:
     """A local stream with a few long-range copies: needs long context in some heads only.
 

@@ -311,6 +311,22 @@ def test_selective_copying_layout():
         assert ((1 <= data) & (data <= 6)).all()
 
 
+def test_mixed_lengths_draws_each_length_and_refuses_mixed_tasks():
+    from common.tasks import InductionHeads, MixedLengths, SelectiveCopying
+
+    mixed = MixedLengths(SelectiveCopying(n, 4, 6) for n in (16, 32, 64))
+    assert mixed.lengths == [16, 32, 64] and mixed.vocab_size == 8 and mixed.chance == pytest.approx(1 / 6)
+    generator = torch.Generator().manual_seed(0)
+    seen = {mixed(3, generator)[0].shape for _ in range(40)}
+    assert seen == {(3, 16), (3, 32), (3, 64)}
+    first = [mixed(2, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(first[0][0], first[1][0])  # the generator decides the length and the content
+    with pytest.raises(ValueError, match="one task"):
+        MixedLengths([SelectiveCopying(16, 4, 6), InductionHeads(16, 6)])
+    with pytest.raises(ValueError, match="at least one"):
+        MixedLengths([])
+
+
 def test_induction_heads_layout():
     from common.tasks import IGNORE, InductionHeads
 
