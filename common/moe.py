@@ -308,8 +308,7 @@ class MoEFeedForward(nn.Module):
         if self.config.z_loss_weight > 0:  # no logsumexp (and no graph) when the z-loss is off
             self.aux_loss = self.aux_loss + self.config.z_loss_weight * self.z_loss(routing)
         mark("balancing losses")
-        self._last_pass = _LastPass(routing.detach(),
-                                    load, dispatch.served.numel(), capacity, balance.detach())
+        self._last_pass = _LastPass(routing.detach(), load, dispatch.served.numel(), capacity, balance.detach())
         out = self.dropout(y).view(shape)
         mark("statistics, dropout, reshape")
         return out
