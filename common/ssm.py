@@ -207,25 +207,33 @@ def sequential_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: to
 
 
 def chunked_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                 h0: torch.Tensor | None = None, chunk: int | None = None,
-                 block_elements: int = 2**19) -> tuple[torch.Tensor, torch.Tensor]:
+                 h0: torch.Tensor | None = None, chunk: int | None = None, block_elements: int = 2**19,
+                 store_elements: int = 2**24) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked parallel scan with a hand-written backward pass; same contract as ``sequential_scan``.
 
     The sequence is processed in blocks of G positions, G chosen so that a (B, G, N, E) tensor holds
     at most ``block_elements`` numbers, unless one chunk of T positions alone holds more (then G = T):
-    the block's tensors stay in the CPU's caches, and memory is O(max(block_elements, B T N E) + B L E),
-    never O(B L E N). The state is carried from block to block. Inside a
-    block (``_linear_scan``) every position runs in parallel except ~3√G short steps. The backward pass does not
-    store the states: it recomputes each block's from the state that entered it and runs the
-    adjoint recurrence backwards (as the official CUDA kernel does).
+    the block's tensors stay in the CPU's caches, and memory is O(max(block_elements, B T N E) + B L E).
+    The state is carried from block to block. Inside a block (``_linear_scan``) every position runs in
+    parallel except ~3√G short steps.
+
+    When a gradient is needed and the states of the whole sequence hold at most ``store_elements``
+    numbers (B L N E; short training sequences), the forward pass keeps them and Ā for the backward
+    pass. Otherwise (long sequences) the backward pass recomputes each block's states from the state
+    that entered it, so memory stays O(B L E) instead of O(B L E N), as the official CUDA kernel does.
+    Either way it then runs the adjoint recurrence backwards.
     """
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
-    if isinstance(block_elements, bool) or not isinstance(block_elements, int) or block_elements < 1:
-        raise ValueError(f"block_elements must be a positive integer, got {block_elements!r}")
+    for name, value, low in (("block_elements", block_elements, 1), ("store_elements", store_elements, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if h0 is None:
         h0 = _zero_state(x, A, (x.size(0),))
-    return _SelectiveScan.apply(x, delta, A, B, C, h0, chunk, block_elements)
+    inputs = (x, delta, A, B, C, h0)
+    store = (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+             and x.size(0) * x.size(1) * A.numel() <= store_elements)
+    return _SelectiveScan.apply(*inputs, chunk, block_elements, store)
 
 
 def _linear_scan(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor, T: int, decay: torch.Tensor,
@@ -265,7 +273,7 @@ class _SelectiveScan(torch.autograd.Function):
     read-out C_t · h_t is one batched (1, N) @ (N, E) product)."""
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, h0, chunk, block_elements):
+    def forward(ctx, x, delta, A, B, C, h0, chunk, block_elements, store):
         batch, length, E = x.shape
         N = A.size(1)
         group = max(1, min(length, block_elements // (batch * N * E)))
@@ -275,25 +283,28 @@ class _SelectiveScan(torch.autograd.Function):
         h = h0.transpose(1, 2).contiguous()  # (B, N, E)
         y = x.new_empty(batch, length, E)
         a_buffer, u_buffer = x.new_empty(group, batch, N, E), x.new_empty(group, batch, N, E)
-        entering = []
+        entering, kept = [], []
         for start in range(0, length, group):
             entering.append(h)
             d, dx, b, c, keep = _block_inputs(x, delta, B, C, start, group, T)
             G = d.size(0)
-            a, u = a_buffer[:G], u_buffer[:G]
+            a, u = (x.new_empty(G, batch, N, E), x.new_empty(G, batch, N, E)) if store else (a_buffer[:G], u_buffer[:G])
             torch.mul(d[:, :, None, :], At, out=a).exp_()  # Ā_t = exp(Δ_t A)  (ZOH)
             torch.mul(dx[:, :, None, :], b[..., None], out=u)  # u_t = Δ_t B_t x_t  (Euler for B)
             h = _linear_scan(a, u, h, T, _chunk_decay(d, At, T))  # u now holds the states h_t
             out = torch.bmm(c.view(-1, 1, N), u.view(-1, N, E))  # y_t = C_t · h_t, (G B, 1, E)
             y[:, start:start + keep] = out.view(G, batch, E)[:keep].transpose(0, 1)
+            if store:
+                kept.append((a, u))
         ctx.save_for_backward(x, delta, A, B, C, torch.stack(entering))
-        ctx.sizes = (group, T)
+        ctx.sizes, ctx.kept = (group, T), kept  # kept: each block's Ā and states h_t, or [] (recompute)
         return y, h.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):
         x, delta, A, B, C, entering = ctx.saved_tensors
-        group, T = ctx.sizes
+        (group, T), kept = ctx.sizes, ctx.kept
+        ctx.kept = []  # freed now; a second backward (retain_graph) recomputes
         batch, length, E = x.shape
         N = A.size(1)
         At = A.t().contiguous()
@@ -308,13 +319,13 @@ class _SelectiveScan(torch.autograd.Function):
             d, dx, b, c, keep = _block_inputs(x, delta, B, C, start, group, T)
             G = d.size(0)
             gy = _time_first(grad_y, start, keep, G)  # (G, B, E)
-            # recompute the states: states[0] = the state entering the block, states[1:] = h_0 … h_{G-1}
-            a = torch.mul(d[:, :, None, :], At).exp_()
-            states = x.new_empty(G + 1, batch, N, E)
-            states[0] = entering[index]
-            torch.mul(dx[:, :, None, :], b[..., None], out=states[1:])
             decay = _chunk_decay(d, At, T)
-            _linear_scan(a, states[1:], entering[index], T, decay)
+            if kept:  # Ā_t and the states h_0 … h_{G-1} of the forward pass
+                a, states = kept[index]
+            else:  # recomputed from the state entering the block
+                a = torch.mul(d[:, :, None, :], At).exp_()
+                states = torch.mul(dx[:, :, None, :], b[..., None])
+                _linear_scan(a, states, entering[index], T, decay)
             # The adjoint λ_t = ∂loss/∂h_t = g_t + Ā_{t+1} λ_{t+1}, g_t = C_t ⊗ ∂loss/∂y_t. With μ_t = Ā_t ⊙ λ_t
             # (∂loss/∂h_{t-1} through step t): μ_t = Ā_t ⊙ μ_{t+1} + Ā_t ⊙ g_t, a reverse scan.
             # mu[0 … G-1] = μ_0 … μ_{G-1}; mu[G] = μ_G, the carry from the next block.
@@ -328,20 +339,21 @@ class _SelectiveScan(torch.autograd.Function):
                      + (c * b).sum(-1, keepdim=True) * gy)
             lam_dx = (torch.linalg.vecdot(later.view(G, batch, N, E), dx[:, :, None, :])
                       + c * (gy * dx).sum(-1, keepdim=True))
-            z = mu[:G].mul_(states[:G])  # ∂loss/∂(Δ_t A) = λ_t ⊙ Ā_t ⊙ h_{t-1} = μ_t ⊙ h_{t-1}
+            z = mu[:G]  # ∂loss/∂(Δ_t A) = λ_t ⊙ Ā_t ⊙ h_{t-1} = μ_t ⊙ h_{t-1}
+            z[0].mul_(entering[index])
+            z[1:].mul_(states[:-1])
             grad_x = lam_B * d  # ∂u_t/∂x_t = Δ_t B_t
             grad_d = lam_B.mul_(_time_first(x, start, keep, G))  # through u_t = Δ_t x_t B_t ...
-            for n in range(N):  # ... and through Δ_t A: Σ_n z_n A_n
-                grad_d.addcmul_(z[:, :, n], At[n])
+            grad_d += torch.linalg.vecdot(z, At, dim=2)  # ... and through Δ_t A: Σ_n z_n A_n
             grad_At += z.mul_(d[:, :, None, :]).sum((0, 1))  # Σ_t z_t Δ_t
-            grad_C = torch.linalg.vecdot(states[1:], gy[:, :, None, :])  # Σ_e h_t gy_t, (G, B, N)
+            grad_C = torch.linalg.vecdot(states, gy[:, :, None, :])  # Σ_e h_t gy_t, (G, B, N)
             span = slice(start, start + keep)
             grads["delta"][:, span] = grad_d[:keep].transpose(0, 1)
             grads["x"][:, span] = grad_x[:keep].transpose(0, 1)
             grads["B"][:, span] = lam_dx[:keep].transpose(0, 1)
             grads["C"][:, span] = grad_C[:keep].transpose(0, 1)
         return (grads["x"], grads["delta"], grad_At.t(), grads["B"], grads["C"],
-                carry.transpose(1, 2), None, None)
+                carry.transpose(1, 2), None, None, None)
 
 
 def _chunk_decay(d: torch.Tensor, At: torch.Tensor, T: int) -> torch.Tensor:

@@ -73,10 +73,15 @@ def test_chunked_scan_equals_the_sequential_scan(chunk, block_elements):
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_scan_gradients_equal_the_sequential_scan_gradients():
+STORE = pytest.mark.parametrize("store_elements", [0, 2**24], ids=["recompute", "store"])  # both backward paths
+
+
+@STORE
+def test_chunked_scan_gradients_equal_the_sequential_scan_gradients(store_elements):
     inputs = [t.double().requires_grad_() for t in scan_inputs(length=23)]
     grads = []
-    for scan in (sequential_scan, lambda *a: chunked_scan(*a, chunk=5, block_elements=2 * 6 * 4 * 11)):
+    for scan in (sequential_scan, lambda *a: chunked_scan(*a, chunk=5, block_elements=2 * 6 * 4 * 11,
+                                                          store_elements=store_elements)):
         y, h = scan(*inputs)
         grads.append(torch.autograd.grad((y.sin().sum() + h.sum()), inputs))
     for g_seq, g_chunk in zip(*grads):
@@ -264,18 +269,38 @@ def test_padding_masks_are_refused():
         model(torch.zeros(1, 4, dtype=torch.long), key_padding_mask=torch.zeros(1, 4, dtype=torch.bool))
 
 
-def test_chunked_scan_passes_gradcheck():
+@STORE
+def test_chunked_scan_passes_gradcheck(store_elements):
     inputs = [t.double().requires_grad_() for t in scan_inputs(batch=2, length=9, E=3, N=2)]
-    scan = lambda *a: chunked_scan(*a, chunk=2, block_elements=2 * 3 * 2 * 4)  # blocks of 4, the last one padded
+    scan = lambda *a: chunked_scan(*a, chunk=2, block_elements=2 * 3 * 2 * 4,  # blocks of 4, the last one padded
+                                   store_elements=store_elements)
     assert torch.autograd.gradcheck(scan, inputs)
 
 
-def test_chunked_scan_gradient_through_the_last_state_only():
+@STORE
+def test_chunked_scan_gradient_through_the_last_state_only(store_elements):
     inputs = [t.double().requires_grad_() for t in scan_inputs(length=11)]
     grads = [torch.autograd.grad(scan(*inputs)[1].sum(), inputs, allow_unused=True, materialize_grads=True)
-             for scan in (sequential_scan, lambda *a: chunked_scan(*a, chunk=3, block_elements=2 * 6 * 4 * 5))]
+             for scan in (sequential_scan, lambda *a: chunked_scan(*a, chunk=3, block_elements=2 * 6 * 4 * 5,
+                                                                   store_elements=store_elements))]
     for g_seq, g_chunk in zip(*grads):
         torch.testing.assert_close(g_chunk, g_seq)
+
+
+def test_chunked_scan_second_backward_with_retain_graph_equals_the_first():
+    inputs = [t.double().requires_grad_() for t in scan_inputs(length=19)]
+    y, _ = chunked_scan(*inputs, block_elements=2 * 6 * 4 * 8)  # stored states: the second pass recomputes them
+    first = torch.autograd.grad(y.sum(), inputs, retain_graph=True)
+    second = torch.autograd.grad(y.sum(), inputs)
+    for g1, g2 in zip(first, second):
+        torch.testing.assert_close(g2, g1)
+
+
+@pytest.mark.parametrize("bad", [dict(chunk=0), dict(block_elements=0), dict(store_elements=-1),
+                                 dict(store_elements=True)])
+def test_chunked_scan_refuses_bad_sizes(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        chunked_scan(*scan_inputs(length=5), **bad)
 
 
 def test_mamba_causal_conv_equals_a_padded_conv1d():
