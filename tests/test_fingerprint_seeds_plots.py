@@ -7,11 +7,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from common import fingerprint as fp  # noqa: E402
 from common.model import GPT, GPTConfig  # noqa: E402
 from common.plots import draw_reference_levels, plain_log_ticks, plot_with_interval  # noqa: E402
-from common.seeds import run_seeds  # noqa: E402
+from common.seeds import can_fork, run_in_processes, run_seed_grid, run_seeds  # noqa: E402
 from common.stats import mean_ci  # noqa: E402
 from common.train import TrainConfig  # noqa: E402
 
@@ -65,6 +66,48 @@ def test_run_seeds_collects_and_summarises(tmp_path):
     assert summary["ci"] == pytest.approx([mean_ci([100, 101, 102]).low, mean_ci([100, 101, 102]).high])
     with pytest.raises(KeyError, match="missing"):
         runs.values("missing")
+
+
+def tiny_training(experiment, seed, path):
+    """A few SGD steps of a small linear model: the metrics depend on the experiment and the seed."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * experiment)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    for _ in range(5):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"loss": loss.item(), "path": str(path), "threads": torch.get_num_threads()}
+
+
+@pytest.mark.skipif(not can_fork(), reason="processes are forked only on Linux without CUDA")
+def test_run_seed_grid_in_processes_equals_one_after_another(tmp_path):
+    checkpoint = lambda experiment, seed: tmp_path / f"e{experiment}-s{seed}.pt"
+    forked = run_seed_grid(tiny_training, [1, 2], [0, 1, 2], checkpoint, workers=2, verbose=False)
+    in_process = run_seed_grid(tiny_training, [1, 2], [0, 1, 2], checkpoint, workers=1, verbose=False)
+    for experiment in (1, 2):
+        assert forked[experiment].values("loss") == in_process[experiment].values("loss")
+        assert [m["path"] for m in forked[experiment].metrics] == [str(checkpoint(experiment, s)) for s in (0, 1, 2)]
+        assert {m["threads"] for m in forked[experiment].metrics} == {1}  # one thread per process
+    assert forked[1].values("loss") != forked[2].values("loss")
+
+
+@pytest.mark.skipif(not can_fork(), reason="processes are forked only on Linux without CUDA")
+def test_run_in_processes_reports_a_failing_job_with_its_traceback():
+    def fails():
+        raise ArithmeticError("no such thing")
+
+    with pytest.raises(RuntimeError, match="(?s)'bad'.*ArithmeticError: no such thing"):
+        run_in_processes({"good": lambda: 1, "bad": fails}, workers=2)
+    assert run_in_processes({"a": lambda: 1, "b": lambda: 2, "c": lambda: 3}, workers=2) == {"a": 1, "b": 2, "c": 3}
+
+
+@pytest.mark.parametrize("workers", [0, 1.5, True])
+def test_run_seed_grid_refuses_bad_workers(workers):
+    with pytest.raises(ValueError, match="workers"):
+        run_seed_grid(tiny_training, [1], [0], workers=workers)
 
 
 @pytest.mark.parametrize("seeds", [[], [0, 0], [-1], ["a"]])
