@@ -359,15 +359,26 @@ def forward_step_times(layer: MoEFeedForward, x: torch.Tensor, rounds: int = 20,
     return {**steps, **{name: timing.median for name, timing in totals.items()}}
 
 
-def moe_feed_forward(config: MoEConfig, every: int = 1):
-    """A ``feed_forward`` factory for ``GPT``: every ``every``-th block (the last of each group of ``every``)
-    gets its own ``MoEFeedForward``, the others the dense FFN. ``every=2`` is the GShard and Switch
-    Transformer placement (an MoE layer in every other block); 1 puts one in every block."""
-    if not isinstance(every, int) or every < 1:
+def _check_every(every: int) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an integer >= 1 (an MoE layer in every every-th block), got {every!r}")
 
+
+def moe_blocks(n_layers: int, every: int = 1) -> list[int]:
+    """Indices of the blocks that hold an MoE layer: the last of each group of ``every`` blocks
+    (``every=2``: blocks 1, 3, 5, ...)."""
+    _check_every(every)
+    return [index for index in range(n_layers) if index % every == every - 1]
+
+
+def moe_feed_forward(config: MoEConfig, every: int = 1):
+    """A ``feed_forward`` factory for ``GPT``: the blocks of ``moe_blocks(n_layers, every)`` get their own
+    ``MoEFeedForward``, the others the dense FFN. ``every=2`` is the GShard and Switch Transformer
+    placement (an MoE layer in every other block); 1 puts one in every block."""
+    _check_every(every)
+
     def factory(gpt_config, layer_index: int) -> nn.Module:
-        if layer_index % every != every - 1:
+        if layer_index not in moe_blocks(gpt_config.n_layers, every):
             return default_feed_forward(gpt_config, layer_index)
         return MoEFeedForward(gpt_config.d_model, gpt_config.d_ff, config, gpt_config.dropout, gpt_config.bias,
                               vocab_size=gpt_config.vocab_size)

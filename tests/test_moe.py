@@ -9,6 +9,7 @@ from common.moe import (
     MoEFeedForward,
     balanced_hash,
     forward_step_times,
+    moe_blocks,
     moe_feed_forward,
     moe_gpt,
     moe_layers,
@@ -358,12 +359,16 @@ def test_every_other_block_gets_the_moe_layer_as_in_switch():
     model = moe_gpt(config, MoEConfig(n_experts=2), every=2)
     kinds = [type(block.feed_forward) for block in model.decoder.blocks]
     assert kinds == [FeedForward, MoEFeedForward, FeedForward, MoEFeedForward]
+    assert moe_blocks(4, 2) == [1, 3] and moe_blocks(5, 2) == [1, 3] and moe_blocks(3, 1) == [0, 1, 2]
+    assert moe_blocks(6, 3) == [2, 5]
     assert len(moe_layers(moe_gpt(config, MoEConfig(n_experts=2)))) == 4
     x = torch.randint(0, 12, (2, 8))
     out = model(x, targets=x)
     torch.testing.assert_close(out.aux_loss, sum(layer.aux_loss for layer in moe_layers(model)))
     with pytest.raises(ValueError, match="every"):
         moe_gpt(config, MoEConfig(), every=0)
+    with pytest.raises(ValueError, match="every"):
+        moe_blocks(4, True)
 
 
 def test_stats_are_read_from_the_last_pass_and_carry_no_graph():
