@@ -7,8 +7,10 @@ from common.model import GPT, FeedForward, GPTConfig
 from common.moe import (
     MoEConfig,
     MoEFeedForward,
+    PermuteRows,
     balanced_hash,
     forward_step_times,
+    inverse_permutation,
     moe_blocks,
     moe_feed_forward,
     moe_gpt,
@@ -223,6 +225,28 @@ def test_grouped_and_padded_layouts_drop_the_same_assignments_and_agree(top_k, f
     routing = grouped.route(x.view(-1, 16))
     dispatch = grouped.dispatch(x.view(-1, 16), routing.experts, grouped.capacity(33, routing.experts))
     assert sum(dispatch.sizes) == int(dispatch.kept.sum()) == dispatch.buffer.size(0)
+
+
+@pytest.mark.parametrize("top_k, factor, permutation", [(1, 4.0, True), (1, 0.5, False), (2, 4.0, False)])
+def test_top1_without_drops_dispatches_as_a_permutation(top_k, factor, permutation):
+    """Top-1 with room for every token: the rows are permuted and put back; otherwise gathered and scattered."""
+    moe = make_moe(n_experts=4, top_k=top_k, capacity_factor=factor)
+    x = torch.randn(40, 16)
+    routing = moe.route(x)
+    dispatch = moe.dispatch(x, routing.experts, moe.capacity(40, routing.experts))
+    assert (dispatch.inverse is not None) == permutation
+    if permutation:
+        torch.testing.assert_close(dispatch.served[dispatch.inverse], torch.arange(40))
+        torch.testing.assert_close(dispatch.buffer, x[dispatch.served])
+        torch.testing.assert_close(moe(x), loop_reference(moe, x))
+
+
+def test_permute_rows_gradient_is_the_inverse_permutation():
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    inverse = inverse_permutation(perm)
+    torch.testing.assert_close(perm[inverse], torch.arange(7))
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: PermuteRows.apply(t, perm, inverse), (x,))
 
 
 def test_grouped_layout_counts_only_the_served_tokens():
