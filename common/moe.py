@@ -261,7 +261,7 @@ class MoEFeedForward(nn.Module):
         order = torch.argsort(choice, stable=True)  # assignments grouped by expert, in priority order
         counts = torch.bincount(choice, minlength=e)  # (E,)
         if self.config.layout == "grouped":
-            sizes = counts.tolist()
+            sizes = counts.tolist()  # the one host sync: the per-expert matmuls need the row counts
             if self.config.top_k == 1 and max(sizes) <= capacity:  # every token served once: a permutation
                 inverse = inverse_permutation(order)
                 return Dispatch(PermuteRows.apply(x, order, inverse), order, counts, sizes=sizes, inverse=inverse)
@@ -275,7 +275,7 @@ class MoEFeedForward(nn.Module):
             slot = (sorted_choice * capacity + position)[kept_sorted]  # (M,) expert-major row of each kept one
             buffer = x.new_zeros(e * capacity, d).index_copy(0, slot, rows)
             return Dispatch(buffer.view(e, capacity, d), served, counts, slot=slot)
-        return Dispatch(rows, served, counts, sizes=counts.clamp(max=capacity).tolist())
+        return Dispatch(rows, served, counts, sizes=[min(size, capacity) for size in sizes])
 
     def experts(self, h: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
         """expert_i(x) = W_2,i GELU(W_1,i x + b_1,i) + b_2,i on each expert's rows: (E, C, D) -> (E, C, D)

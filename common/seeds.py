@@ -126,6 +126,12 @@ def _seed_job(train_one, experiment, seed, path) -> Callable[[], dict]:
     return lambda: train_one(experiment, seed, path)
 
 
+def side_by_side_workers(device: torch.device) -> int:
+    """Workers for ``run_seed_grid``: on a CPU one one-thread process per thread (small models: a step is
+    mostly per-operation overhead, which a second thread shortens little); elsewhere 1 (one after another)."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+
+
 def can_fork() -> bool:
     """Whether ``run_in_processes`` may fork here: on Linux, before CUDA is initialised (a forked child
     cannot use its parent's CUDA context)."""

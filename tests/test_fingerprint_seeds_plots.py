@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from common import fingerprint as fp  # noqa: E402
 from common.model import GPT, GPTConfig  # noqa: E402
 from common.plots import draw_reference_levels, plain_log_ticks, plot_with_interval  # noqa: E402
-from common.seeds import can_fork, run_in_processes, run_seed_grid, run_seeds  # noqa: E402
+from common.seeds import can_fork, run_in_processes, run_seed_grid, run_seeds, side_by_side_workers  # noqa: E402
 from common.stats import mean_ci  # noqa: E402
 from common.train import TrainConfig  # noqa: E402
 
@@ -177,3 +177,8 @@ def test_fingerprint_of_tensors_follows_dtype_and_content_bfloat16_included():
     assert fp.fingerprint(half) != fp.fingerprint(half.to(torch.float16))
     assert fp.fingerprint(half) != fp.fingerprint(half.flip(0))
     assert fp.fingerprint(torch.ones(3)) == fp.fingerprint(np.ones(3, dtype=np.float32))  # same dtype name
+
+
+def test_side_by_side_workers_one_per_thread_on_a_cpu_only():
+    assert side_by_side_workers(torch.device("cpu")) == torch.get_num_threads()
+    assert side_by_side_workers(torch.device("cuda")) == 1
