@@ -117,10 +117,15 @@ def render(results: dict[str, dict]) -> str:
                      f"| {metrics} |")
     times = results.get("run_times")
     if times:
-        per_notebook = ", ".join(f"{k[:2]} {v / 60:.1f}" for k, v in sorted(times["notebooks"].items()))
+        dates = times.get("dates", {})
+        by_day = {}  # date: ["04 5.9", ...]
+        for k, v in sorted(times["notebooks"].items()):
+            by_day.setdefault(dates.get(k, "date not recorded"), []).append(f"{k[:2]} {v / 60:.1f}")
+        per_day = "; ".join(f"{day}: {', '.join(runs)}" for day, runs in sorted(by_day.items()))
         lines += ["", f"Reference runs (cpu preset), each notebook's latest: {times['total_s'] / 60:.1f} min in total "
-                      f"({per_notebook} min). A run made while other jobs shared the CPU takes longer than on an "
-                      "idle machine."]
+                      f"(by date of the run, minutes: {per_day}). A run made while other jobs shared the CPU takes "
+                      "longer than on an idle machine, and the CPU behind this machine differs from one session to "
+                      "the next, even on the same day: times of different runs compare only roughly."]
         earlier = times.get("earlier_training_s") or {}
         if earlier:
             lines += ["", "Training done by earlier executions, whose checkpoints these runs loaded or resumed (not in "

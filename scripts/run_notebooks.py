@@ -15,6 +15,7 @@ results/run_times.json, with the training time of earlier runs whose checkpoints
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import time
@@ -74,7 +75,8 @@ def export_html(executed: Path, html_dir: Path) -> Path:
 
 
 def record_times(times: dict[str, dict]) -> None:
-    """Merge reference wall times into results/run_times.json (after each notebook: a batch cut short keeps them)."""
+    """Merge reference wall times and their dates into results/run_times.json (after each notebook: a batch cut
+    short keeps them)."""
     from common.results import read_json, write_json
 
     record = ROOT / "results" / "run_times.json"
@@ -82,7 +84,9 @@ def record_times(times: dict[str, dict]) -> None:
     merged = {**previous.get("notebooks", {}), **{k: v["wall_s"] for k, v in times.items()}}
     earlier = {**previous.get("earlier_training_s", {}), **{k: v["earlier_s"] for k, v in times.items()}}
     earlier = {k: v for k, v in earlier.items() if v and k in merged}
-    write_json(record, {"notebooks": merged, "earlier_training_s": earlier, "total_s": round(sum(merged.values()), 1)})
+    dates = {**previous.get("dates", {}), **{k: datetime.date.today().isoformat() for k in times}}
+    write_json(record, {"notebooks": merged, "dates": dates, "earlier_training_s": earlier,
+                        "total_s": round(sum(merged.values()), 1)})
 
 
 def main() -> None:

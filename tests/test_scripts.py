@@ -126,3 +126,24 @@ def test_deliverables_where_column_follows_the_notebook(tmp_path):
     assert row.startswith("| 01 | [01_demo](01_demo.ipynb) | x | [Part 2 · Implementation](01_demo.ipynb#Part-2")
     assert "[Results: a + b](01_demo.ipynb#Results:-a-%2B-b)" in row and "Theory" not in row
     assert row.endswith("; figures: [loss curve](figures/01_loss_curve.png) |")
+
+
+def test_results_table_groups_run_times_by_date():
+    times = {"notebooks": {"01_a": 600.0, "02_b": 120.0, "03_c": 60.0},
+             "dates": {"01_a": "2026-01-02", "02_b": "2026-01-01"}, "total_s": 780.0}
+    text = results_table.render({"01_a": payload(), "run_times": times})
+    assert "13.0 min in total" in text
+    assert "2026-01-01: 02 2.0; 2026-01-02: 01 10.0; date not recorded: 03 1.0" in text
+
+
+def test_record_times_merges_wall_times_with_their_date(tmp_path, monkeypatch):
+    import datetime
+
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(run_notebooks, "ROOT", tmp_path)
+    run_notebooks.record_times({"01_a": {"wall_s": 10.0, "earlier_s": 0}})
+    run_notebooks.record_times({"02_b": {"wall_s": 5.0, "earlier_s": 3.0}})
+    record = json.loads((tmp_path / "results" / "run_times.json").read_text())
+    today = datetime.date.today().isoformat()
+    assert record == {"notebooks": {"01_a": 10.0, "02_b": 5.0}, "dates": {"01_a": today, "02_b": today},
+                      "earlier_training_s": {"02_b": 3.0}, "total_s": 15.0}
