@@ -1,5 +1,6 @@
 """The scripts that run, export and tabulate notebooks refuse what must not be published."""
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -137,8 +138,6 @@ def test_results_table_groups_run_times_by_date():
 
 
 def test_record_times_merges_wall_times_with_their_date(tmp_path, monkeypatch):
-    import datetime
-
     (tmp_path / "results").mkdir()
     monkeypatch.setattr(run_notebooks, "ROOT", tmp_path)
     run_notebooks.record_times({"01_a": {"wall_s": 10.0, "earlier_s": 0}})
