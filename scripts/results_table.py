@@ -124,8 +124,9 @@ def render(results: dict[str, dict]) -> str:
         per_day = "; ".join(f"{day}: {', '.join(runs)}" for day, runs in sorted(by_day.items()))
         lines += ["", f"Reference runs (cpu preset), each notebook's latest: {times['total_s'] / 60:.1f} min in total "
                       f"(by date of the run, minutes: {per_day}). A run made while other jobs shared the CPU takes "
-                      "longer than on an idle machine, and the CPU behind this machine differs from one session to "
-                      "the next, even on the same day: times of different runs compare only roughly."]
+                      "longer than on an idle machine, and the speed of the CPU behind this machine changes between "
+                      "sessions and even within one: times of different runs compare only roughly, and so do "
+                      "speed-ups whose two sides use different kernels (int8 against fp32)."]
         earlier = times.get("earlier_training_s") or {}
         if earlier:
             lines += ["", "Training done by earlier executions, whose checkpoints these runs loaded or resumed (not in "
